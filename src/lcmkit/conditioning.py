@@ -1,0 +1,113 @@
+"""Prompts -> text conditioning, for each family. The only module that knows SD from SDXL.
+
+SD 1.x/2.x: last hidden state of the CLIP text encoder.
+SDXL: penultimate hidden states of both encoders concatenated, the pooled (projected) output of
+encoder 2, and add_time_ids = (original size, crop top-left, target size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+FAMILIES = ("sd", "sdxl")
+
+
+@dataclass
+class Conditioning:
+    """What a UNet needs besides (z_t, t). `pooled` and `time_ids` are set for SDXL only."""
+
+    hidden_states: Tensor
+    pooled: Tensor | None = None
+    time_ids: Tensor | None = None
+
+    def cat(self, other: Conditioning) -> Conditioning:
+        def join(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+            return None if a is None else torch.cat([a, b])
+
+        return Conditioning(
+            torch.cat([self.hidden_states, other.hidden_states]),
+            join(self.pooled, other.pooled),
+            join(self.time_ids, other.time_ids),
+        )
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+        def move(x: Tensor | None, float_: bool = True) -> Tensor | None:
+            return None if x is None else x.to(device=device, dtype=dtype if float_ else None)
+
+        return Conditioning(move(self.hidden_states), move(self.pooled), move(self.time_ids))
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self.hidden_states}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+
+def sdxl_time_ids(original_sizes: Tensor, crops_top_left: Tensor, target_size: tuple[int, int]) -> Tensor:
+    """add_time_ids rows (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
+    target = torch.tensor(target_size, dtype=torch.float32).expand(original_sizes.shape[0], 2)
+    return torch.cat([original_sizes.float(), crops_top_left.float(), target], dim=1)
+
+
+class TextConditioner:
+    """Encodes prompts with the teacher's tokenizer(s) and text encoder(s)."""
+
+    def __init__(self, family: str, tokenizers: list[Any], text_encoders: list[torch.nn.Module]):
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}")
+        self.family = family
+        self.tokenizers = tokenizers
+        self.text_encoders = text_encoders
+        self._empty: Conditioning | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.text_encoders[0].parameters()).device
+
+    def _token_ids(self, tokenizer: Any, prompts: list[str]) -> Tensor:
+        return tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+
+    @torch.no_grad()
+    def encode(
+        self,
+        prompts: list[str],
+        original_sizes: Tensor | None = None,
+        crops_top_left: Tensor | None = None,
+        target_size: tuple[int, int] | None = None,
+    ) -> Conditioning:
+        """Prompts -> Conditioning. SDXL needs sizes (height, width) per prompt and the target size."""
+        if self.family == "sd":
+            (tokenizer,), (encoder,) = self.tokenizers, self.text_encoders
+            return Conditioning(encoder(self._token_ids(tokenizer, prompts))[0])
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            out = encoder(self._token_ids(tokenizer, prompts), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # text_embeds of CLIPTextModelWithProjection (encoder 2)
+        if original_sizes is None or target_size is None:
+            raise ValueError("SDXL conditioning needs original sizes and a target size")
+        if crops_top_left is None:
+            crops_top_left = torch.zeros_like(original_sizes)
+        time_ids = sdxl_time_ids(original_sizes, crops_top_left, target_size).to(self.device)
+        return Conditioning(torch.cat(hidden, dim=-1), pooled, time_ids)
+
+    def unconditional(self, cond: Conditioning, mode: str = "empty") -> Conditioning:
+        """The uncond counterpart of `cond`: the empty prompt's embedding, or zeros (reference scripts).
+
+        SDXL keeps the same add_time_ids as the conditional branch."""
+        batch = cond.hidden_states.shape[0]
+        if mode == "zeros":
+            pooled = None if cond.pooled is None else torch.zeros_like(cond.pooled)
+            return replace(cond, hidden_states=torch.zeros_like(cond.hidden_states), pooled=pooled)
+        if self._empty is None:
+            ones = torch.ones(1, 2)
+            self._empty = self.encode([""], ones, ones, (1, 1))
+        empty = self._empty.to(cond.hidden_states.device, cond.hidden_states.dtype)
+        pooled = None if empty.pooled is None else empty.pooled.expand(batch, -1)
+        return Conditioning(empty.hidden_states.expand(batch, -1, -1), pooled, cond.time_ids)

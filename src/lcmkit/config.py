@@ -1,0 +1,294 @@
+"""Every option of `lcmkit distill`, as dataclasses, loaded from TOML and flags, validated in one place.
+
+Precedence: dataclass defaults < TOML file < command-line flags. Every field of every section is
+also a flag: `--w-min 3`, `--lora-rank 8`, `--validation-prompts "a" "b"`. A TOML file may use the
+sections below ([lcd], [lora], ...) or put keys at top level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+
+class ConfigError(ValueError):
+    """A user mistake: printed as one line, exit code 2."""
+
+
+DEFAULT_LORA_TARGETS = [
+    # attention, feed-forward, resnet convs and time embedding projection (LCM-LoRA paper setup)
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+]  # fmt: skip
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = ""
+    """Hub id, local diffusers folder, or a single .safetensors checkpoint."""
+    revision: str | None = None
+    variant: str | None = None
+    vae: str | None = None
+    """A separate VAE (hub id or folder), e.g. an fp16-safe SDXL VAE."""
+    teacher_config: str | None = None
+    """For a single-file teacher: a diffusers folder or hub id holding the matching configs."""
+    family: str | None = None
+    """sd or sdxl; detected from the teacher when not given."""
+
+
+@dataclass
+class LCDConfig:
+    w_min: float = 3.0
+    w_max: float = 15.0
+    num_ddim_timesteps: int = 50
+    loss: str = "huber"
+    huber_c: float = 0.001
+    timestep_scaling: float = 10.0
+    sigma_data: float = 0.5
+    ema_decay: float = 0.95
+    uncond: str = "empty"
+    """Unconditional embedding: 'empty' (the empty prompt's) or 'zeros' (the reference scripts')."""
+    guidance_embed_dim: int = 256
+
+
+@dataclass
+class LoraConfig:
+    lora_rank: int = 64
+    lora_alpha: float | None = None
+    """Defaults to lora_rank (scale 1)."""
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    lora_dropout: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    adam_weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    use_8bit_adam: bool = False
+
+
+@dataclass
+class DataConfig:
+    data: str = ""
+    """WebDataset shards: local paths with brace ranges or globs, pipe:, http(s)://, optionally wds: prefix."""
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = False
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+
+
+@dataclass
+class TrainConfig:
+    out: str = ""
+    overwrite: bool = False
+    resume: str | None = None
+    """'latest' or a checkpoint folder."""
+    max_steps: int = 1000
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    attention: str = "sdpa"
+    seed: int = 0
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int | None = None
+    validation_every: int = 0
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    report_to: str = "none"
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class DistillConfig:
+    mode: str = "lora"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lcd: LCDConfig = field(default_factory=LCDConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("model", "lcd", "lora", "optim", "data", "train")
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(DistillConfig)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _section_fields() -> dict[str, str]:
+    """Field name -> section name, for every option (names are unique across sections)."""
+    return {f.name: section for section, cls in _sections().items() for f in dataclasses.fields(cls)}
+
+
+def _field_types() -> dict[str, Any]:
+    types_: dict[str, Any] = {}
+    for cls in _sections().values():
+        types_.update(typing.get_type_hints(cls))
+    return types_
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, is_list) of an annotation like `int | None` or `list[str]`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option; defaults are None so that unset flags do not override the file."""
+    parser.add_argument("--config", help="TOML file with options (flags override it)")
+    parser.add_argument("--mode", choices=["full", "lora"], default=None)
+    owner = _section_fields()
+    for name, tp in _field_types().items():
+        base, is_list = _base_type(tp)
+        flag = "--" + name.replace("_", "-")
+        group = f"[{owner[name]}]"
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=group)
+        elif is_list:
+            parser.add_argument(flag, nargs="+", type=base, default=None, help=group)
+        else:
+            parser.add_argument(flag, type=base, default=None, help=group, metavar=base.__name__.upper())
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    base, is_list = _base_type(tp)
+    if value is None:
+        return None
+    try:
+        if is_list:
+            if not isinstance(value, list):
+                value = [value]
+            return [base(v) for v in value]
+        if base is bool and not isinstance(value, bool):
+            raise TypeError
+        if base is float and isinstance(value, int):
+            return float(value)
+        if not isinstance(value, base):
+            raise TypeError
+        return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"option {name} = {value!r}: expected {getattr(base, '__name__', base)}") from None
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> DistillConfig:
+    """Defaults, then the TOML file, then `overrides` (flat option names, None = not given)."""
+    cfg = DistillConfig()
+    owner = _section_fields()
+    types_ = _field_types()
+    flat: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        for key, value in data.items():
+            if key in SECTIONS and isinstance(value, dict):
+                for k, v in value.items():
+                    if owner.get(k) != key:
+                        raise ConfigError(f"config file {path}: unknown option [{key}] {k}")
+                    flat[k] = v
+            elif key == "mode" or key in owner:
+                flat[key] = value
+            else:
+                raise ConfigError(f"config file {path}: unknown option {key}")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            flat[key] = value
+    for key, value in flat.items():
+        if key == "mode":
+            cfg.mode = value
+            continue
+        setattr(getattr(cfg, owner[key]), key, _coerce(key, value, types_[key]))
+    return cfg
+
+
+def validate(cfg: DistillConfig) -> DistillConfig:
+    """Every cross-field check, in one place. Raises ConfigError with one clear line."""
+    if cfg.mode not in ("full", "lora"):
+        raise ConfigError(f"--mode {cfg.mode!r}: choose full or lora")
+    if not cfg.model.teacher:
+        raise ConfigError("no teacher given: pass --teacher (hub id, diffusers folder or .safetensors file)")
+    if cfg.model.family not in (None, "sd", "sdxl"):
+        raise ConfigError(f"--family {cfg.model.family!r}: choose sd or sdxl")
+    if not cfg.data.data:
+        raise ConfigError("no data given: pass --data, e.g. --data '/shards/{00000..00099}.tar'")
+    if not cfg.train.out:
+        raise ConfigError("no output folder given: pass --out DIR")
+    lcd = cfg.lcd
+    if lcd.w_min > lcd.w_max:
+        raise ConfigError(f"--w-min {lcd.w_min} is greater than --w-max {lcd.w_max}: w_min must be <= w_max")
+    if lcd.w_min < 0:
+        raise ConfigError(f"--w-min {lcd.w_min} is negative: guidance scales must be >= 0")
+    if not 1 <= lcd.num_ddim_timesteps <= 1000:
+        raise ConfigError(f"--num-ddim-timesteps {lcd.num_ddim_timesteps}: must be between 1 and 1000")
+    if lcd.loss not in ("huber", "l2"):
+        raise ConfigError(f"--loss {lcd.loss!r}: choose huber or l2")
+    if lcd.huber_c <= 0:
+        raise ConfigError(f"--huber-c {lcd.huber_c}: must be > 0")
+    if not 0 <= lcd.ema_decay < 1:
+        raise ConfigError(f"--ema-decay {lcd.ema_decay}: must be in [0, 1)")
+    if lcd.uncond not in ("empty", "zeros"):
+        raise ConfigError(f"--uncond {lcd.uncond!r}: choose empty or zeros")
+    if cfg.lora.lora_rank < 1:
+        raise ConfigError(f"--lora-rank {cfg.lora.lora_rank}: must be >= 1")
+    if not cfg.lora.lora_target_modules:
+        raise ConfigError("--lora-target-modules is empty: name at least one module")
+    tr = cfg.train
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
+        if getattr(tr, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(tr, name)}: must be >= 1")
+    if tr.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"--mixed-precision {tr.mixed_precision!r}: choose no, fp16 or bf16")
+    if tr.attention not in ("sdpa", "default"):
+        raise ConfigError(f"--attention {tr.attention!r}: choose sdpa or default")
+    if tr.report_to not in ("none", "tensorboard", "wandb"):
+        raise ConfigError(f"--report-to {tr.report_to!r}: choose tensorboard, wandb or none")
+    if tr.checkpoint_every < 0 or tr.validation_every < 0:
+        raise ConfigError("--checkpoint-every and --validation-every must be >= 0 (0 turns them off)")
+    if tr.validation_every and not tr.validation_prompts:
+        raise ConfigError("--validation-every is set but no --validation-prompts were given")
+    if any(s < 1 for s in tr.validation_steps):
+        raise ConfigError(f"--validation-steps {tr.validation_steps}: every step count must be >= 1")
+    if cfg.data.resolution < 8 or cfg.data.resolution % 8:
+        raise ConfigError(f"--resolution {cfg.data.resolution}: must be a positive multiple of 8")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"--num-workers {cfg.data.num_workers}: must be >= 0")
+    if cfg.optim.learning_rate <= 0:
+        raise ConfigError(f"--learning-rate {cfg.optim.learning_rate}: must be > 0")
+    if cfg.optim.lr_scheduler not in LR_SCHEDULERS:
+        raise ConfigError(f"--lr-scheduler {cfg.optim.lr_scheduler!r}: choose one of {', '.join(LR_SCHEDULERS)}")
+    return cfg
+
+
+LR_SCHEDULERS = (
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+)  # fmt: skip

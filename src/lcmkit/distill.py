@@ -1,0 +1,271 @@
+"""`lcmkit distill`: wire config, teacher, models, data and the trainer together, then save outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigError, DistillConfig, validate
+from .data import ImageTransform, ShardDataset, expand_shards, make_dataloader
+from .lcd import LCDSettings, lcd_loss
+from .models import LCDModels, Teacher, build_lcd_models, load_teacher, save_full_lcm, save_lora
+from .sample import generate, image_grid, lcm_pipeline
+from .train import CHECKPOINT_DIR, GeneratorState, Trainer, TrainerSettings, TrainResult, find_checkpoint
+
+log = logging.getLogger(__name__)
+
+RUN_RECORD = "lcmkit_run.json"
+OUTPUTS = (RUN_RECORD, "pytorch_lora_weights.safetensors", "unet", "unet_online", "pipeline", "validation",
+           "logs", CHECKPOINT_DIR)  # fmt: skip
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    mode: str
+    family: str
+    train: TrainResult
+    peak_rss_mb: float
+
+
+def prepare_out_dir(cfg: DistillConfig) -> Path:
+    """Refuse to clobber a finished or unfinished run unless asked; --overwrite removes only our files."""
+    out = Path(cfg.train.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if (out / "model_index.json").exists() or Path(cfg.model.teacher).expanduser().resolve() == out.resolve():
+        raise ConfigError(f"--out {out} is a pipeline folder (the teacher?): choose a new folder")
+    finished = (out / RUN_RECORD).is_file()
+    has_checkpoint = (out / CHECKPOINT_DIR / "latest").is_file()
+    if cfg.train.overwrite:
+        for name in OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    elif finished and not cfg.train.resume:
+        raise ConfigError(f"--out {out} already holds a finished run: pass --overwrite to replace it, "
+                          "--resume latest to continue it, or choose another folder")  # fmt: skip
+    elif has_checkpoint and not cfg.train.resume:
+        raise ConfigError(f"--out {out} holds an unfinished run: pass --resume latest to continue it "
+                          "or --overwrite to start over")  # fmt: skip
+    if cfg.train.resume and cfg.train.resume != "latest":
+        try:
+            find_checkpoint(out, cfg.train.resume)
+        except FileNotFoundError as e:
+            raise ConfigError(f"--resume {cfg.train.resume}: {e}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: DistillConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    kwargs = dict(lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
+                  weight_decay=o.adam_weight_decay)  # fmt: skip
+    if o.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("lcmkit", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Validator:
+    """Saves a grid of few-step samples of the current student (rows prompts, columns step counts)."""
+
+    def __init__(self, cfg: DistillConfig, teacher: Teacher, models: LCDModels, out: Path, accelerator: Any):
+        self.cfg, self.teacher, self.models, self.out, self.accelerator = cfg, teacher, models, out, accelerator
+
+    def __call__(self, step: int) -> Path:
+        cfg = self.cfg
+        unet = self.models.student_unet
+        guidance = 8.0 if self.models.mode == "full" else 1.0
+        pipe = lcm_pipeline(self.teacher, unet, cfg.lcd.num_ddim_timesteps)
+        unet.eval()
+        try:
+            columns = [
+                generate(pipe, cfg.train.validation_prompts, n, guidance, cfg.train.seed, cfg.data.resolution)
+                for n in cfg.train.validation_steps
+            ]
+        finally:
+            unet.train()
+        rows = [list(r) for r in zip(*columns)]
+        grid = image_grid(
+            rows, cfg.train.validation_prompts, [f"{n} step{'s' * (n > 1)}" for n in cfg.train.validation_steps]
+        )
+        folder = self.out / "validation"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"step-{step:08d}.png"
+        grid.save(path)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+        return path
+
+
+def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
+    """Run LCD end to end. Raises ConfigError on bad input before any heavy work."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    validate(cfg)
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("--mixed-precision fp16 needs a CUDA GPU: use bf16 or no on this machine")
+    if cfg.train.report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("--report-to tensorboard needs tensorboard: pip install tensorboard") from None
+    urls = expand_shards(cfg.data.data)
+    out = prepare_out_dir(cfg)
+    t_start = time.perf_counter()
+
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
+        project_dir=str(out / "logs"),
+    )
+    if cfg.train.report_to != "none":
+        accelerator.init_trackers("lcmkit", config=_flat_config(cfg))
+    set_seed(cfg.train.seed)
+    device = accelerator.device
+
+    teacher = load_teacher(cfg.model)
+    frozen_dtype = DTYPES[cfg.train.mixed_precision]
+    models = build_lcd_models(teacher, cfg.mode, cfg.lcd, cfg.lora, frozen_dtype)
+    for module in (models.student_unet, models.teacher_unet, models.target_unet, teacher.vae, *teacher.text_encoders):
+        if module is not None:
+            module.to(device)
+    if cfg.train.attention == "default":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        models.student_unet.set_attn_processor(AttnProcessor())
+    if cfg.train.gradient_checkpointing:
+        models.student_unet.enable_gradient_checkpointing()
+
+    optimizer = make_optimizer(models.trainable_parameters(), cfg)
+    lr_scheduler = get_scheduler(
+        cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps,
+        num_training_steps=cfg.train.max_steps,
+    )  # fmt: skip
+    student_wrapped, optimizer = accelerator.prepare(models.student_unet, optimizer)
+
+    dataset = ShardDataset(
+        urls, ImageTransform(cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip),
+        seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+    )  # fmt: skip
+    dataloader = make_dataloader(dataset, cfg.train.batch_size, cfg.data.num_workers)
+
+    conditioner = teacher.conditioner()
+    schedule = teacher.noise_schedule()
+    settings = LCDSettings(
+        prediction_type=teacher.prediction_type, num_ddim_timesteps=cfg.lcd.num_ddim_timesteps,
+        w_min=cfg.lcd.w_min, w_max=cfg.lcd.w_max, loss=cfg.lcd.loss, huber_c=cfg.lcd.huber_c,
+        timestep_scaling=cfg.lcd.timestep_scaling, sigma_data=cfg.lcd.sigma_data,
+    )  # fmt: skip
+    generator = torch.Generator(device).manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
+    student_fn = models.student_forward(student_wrapped)
+    vae, scaling = teacher.vae, teacher.vae_scaling_factor
+    size = (cfg.data.resolution, cfg.data.resolution)
+
+    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():
+            pixels = batch["pixel_values"].to(device, vae.dtype)
+            z0 = vae.encode(pixels).latent_dist.sample(generator) * scaling
+            cond = conditioner.encode(batch["caption"], batch["original_size"], batch["crop_top_left"], size)
+            uncond = conditioner.unconditional(cond, cfg.lcd.uncond)
+        return lcd_loss(z0, cond, uncond, student_fn, models.teacher, models.target, schedule, settings, generator)
+
+    validator = Validator(cfg, teacher, models, out, accelerator) if cfg.train.validation_prompts else None
+    trainer = Trainer(
+        accelerator,
+        TrainerSettings(
+            out_dir=out, max_steps=cfg.train.max_steps, batch_size=cfg.train.batch_size,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            max_grad_norm=cfg.optim.max_grad_norm, checkpoint_every=cfg.train.checkpoint_every,
+            checkpoints_total_limit=cfg.train.checkpoints_total_limit, log_every=cfg.train.log_every,
+            callback_every=cfg.train.validation_every if validator else 0, progress=cfg.train.progress,
+            description=f"distill {cfg.mode}",
+        ),
+        student_wrapped, optimizer, lr_scheduler, dataloader, loss_fn,
+        state={**models.checkpoint_state(), "lcd_generator": GeneratorState(generator)},
+        on_step_end=models.update_ema if cfg.mode == "full" else None,
+        callback=validator,
+        meta={"mode": cfg.mode, "teacher": cfg.model.teacher},
+    )  # fmt: skip
+    if cfg.train.resume:
+        try:
+            resumed = trainer.resume(cfg.train.resume)
+        except (FileNotFoundError, KeyError) as e:
+            raise ConfigError(f"--resume {cfg.train.resume}: {e}") from None
+        if not resumed:
+            log.warning("--resume latest: no checkpoint in %s yet, starting from step 0", out)
+    result = trainer.run()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _save_outputs(cfg, teacher, models, out, accelerator)
+        if validator is not None and (not cfg.train.validation_every or result.steps % cfg.train.validation_every):
+            validator(result.steps)
+        record = {
+            "mode": cfg.mode, "family": teacher.family, "prediction_type": teacher.prediction_type,
+            "command": command, "config": cfg.to_dict(), "versions": versions(),
+            "steps": result.steps, "median_s_per_step": result.median_s_per_step,
+            "samples_per_s": result.samples_per_s, "final_loss": result.final_loss,
+            "wall_s": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(),
+            "device": str(device), "num_processes": accelerator.num_processes,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }  # fmt: skip
+        (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    accelerator.end_training()
+    return DistillResult(out, cfg.mode, teacher.family, result, peak_rss_mb())
+
+
+def _save_outputs(cfg: DistillConfig, teacher: Teacher, models: LCDModels, out: Path, accelerator: Any) -> None:
+    if cfg.mode == "lora":
+        save_lora(accelerator.unwrap_model(models.student_unet), teacher.family, out, cfg.lora)
+        return
+    # The EMA target is the exported LCM (`unet/`, `pipeline/`); the online student is kept beside it.
+    save_full_lcm(models.target_unet, teacher, out, cfg.lcd.num_ddim_timesteps)
+    accelerator.unwrap_model(models.student_unet).save_pretrained(out / "unet_online")
+
+
+def _flat_config(cfg: DistillConfig) -> dict[str, Any]:
+    flat: dict[str, Any] = {"mode": cfg.mode}
+    for values in asdict(cfg).values():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                flat[k] = ",".join(map(str, v)) if isinstance(v, list) else v
+    return {k: v for k, v in flat.items() if v is not None}

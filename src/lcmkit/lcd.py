@@ -1,0 +1,198 @@
+"""Latent Consistency Distillation: the math of DESIGN.md section 1 as small pure functions.
+
+Notation follows the LCM paper (Luo et al. 2023, Algorithm 1): a skipping step k over a DDIM grid,
+t_n_plus_k -> t_n, guidance scale w, boundary scalings c_skip / c_out, consistency function f.
+`lcd_loss` does not know whether the student is a full LCM or an LCM-LoRA, nor which family the
+teacher is: both are hidden behind the `student`, `teacher` and `target` callables and the
+conditioning object (anything with `.cat(other)`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+
+class UNetFn(Protocol):
+    """A denoiser call: (z_t, t, conditioning, w) -> raw UNet output (eps, v or x0)."""
+
+    def __call__(self, z_t: Tensor, t: Tensor, cond: Any, w: Tensor) -> Tensor: ...
+
+
+def append_dims(x: Tensor, ndim: int) -> Tensor:
+    """Append trailing singleton dims so that a per-example scalar broadcasts over a latent."""
+    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The teacher's discrete VP schedule: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)."""
+
+    alphas_cumprod: Tensor
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        abar = self.alphas_cumprod.to(t.device)[t]
+        return abar.sqrt(), (1 - abar).sqrt()
+
+
+def ddim_timesteps(num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50) -> Tensor:
+    """The skipping-step solver grid tau_i = (i + 1) * k - 1, i = 0..N-1, with k = T // N."""
+    k = num_train_timesteps // num_ddim_timesteps
+    return (torch.arange(num_ddim_timesteps) + 1) * k - 1
+
+
+def sample_timestep_pairs(
+    batch: int,
+    num_train_timesteps: int,
+    num_ddim_timesteps: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """Draw i ~ U{0..N-1}; return (t_n_plus_k = tau_i, t_n = max(tau_i - k, 0))."""
+    k = num_train_timesteps // num_ddim_timesteps
+    grid = ddim_timesteps(num_train_timesteps, num_ddim_timesteps).to(device)
+    index = torch.randint(0, num_ddim_timesteps, (batch,), generator=generator, device=device)
+    t_n_plus_k = grid[index]
+    return t_n_plus_k, (t_n_plus_k - k).clamp(min=0)
+
+
+def boundary_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
+    """c_skip(t), c_out(t) with c_skip(0) ~ 1 and c_out(0) = 0 (LCM paper eq. 9 / CM paper app. C)."""
+    st = timestep_scaling * t.double()
+    c_skip = sigma_data**2 / (st**2 + sigma_data**2)
+    c_out = st / (st**2 + sigma_data**2).sqrt()
+    return c_skip.float(), c_out.float()
+
+
+def predicted_origin(model_output: Tensor, z_t: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """x0_hat from the UNet output (alpha, sigma already broadcastable against z_t)."""
+    if prediction_type == "epsilon":
+        return (z_t - sigma * model_output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * z_t - sigma * model_output
+    if prediction_type == "sample":
+        return model_output
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def predicted_noise(model_output: Tensor, z_t: Tensor, alpha: Tensor, sigma: Tensor, prediction_type: str) -> Tensor:
+    """eps_hat from the UNet output."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha * model_output + sigma * z_t
+    if prediction_type == "sample":
+        return (z_t - alpha * model_output) / sigma
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def guidance_scale_embedding(w: Tensor, embedding_dim: int = 256, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Sinusoidal embedding of w (scaled by 1000), as LatentConsistencyModelPipeline feeds
+    `timestep_cond` (there w = guidance_scale - 1, so training w maps to guidance_scale w + 1)."""
+    half = embedding_dim // 2
+    freqs = torch.exp(-math.log(10000.0) / (half - 1) * torch.arange(half, dtype=dtype, device=w.device))
+    angles = (w.to(dtype) * 1000.0)[:, None] * freqs[None, :]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)
+    if embedding_dim % 2:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+def ddim_step(x0_hat: Tensor, eps_hat: Tensor, alpha_prev: Tensor, sigma_prev: Tensor) -> Tensor:
+    """Deterministic DDIM update to the earlier timestep: z_prev = alpha_prev x0 + sigma_prev eps."""
+    return alpha_prev * x0_hat + sigma_prev * eps_hat
+
+
+def pseudo_huber(pred: Tensor, target: Tensor, c: float) -> Tensor:
+    """Per-element sqrt((pred - target)^2 + c^2) - c (Song & Dhariwal 2023, eq. 9 without the 1/c)."""
+    return ((pred - target) ** 2 + c**2).sqrt() - c
+
+
+@dataclass(frozen=True)
+class LCDSettings:
+    """The method's hyperparameters (DESIGN.md section 1), reference defaults."""
+
+    prediction_type: str = "epsilon"
+    num_ddim_timesteps: int = 50
+    w_min: float = 3.0
+    w_max: float = 15.0
+    loss: str = "huber"
+    huber_c: float = 0.001
+    timestep_scaling: float = 10.0
+    sigma_data: float = 0.5
+
+
+def consistency_function(
+    model_output: Tensor, z_t: Tensor, t: Tensor, schedule: NoiseSchedule, settings: LCDSettings
+) -> Tensor:
+    """f(z_t, t) = c_skip(t) z_t + c_out(t) x0_hat(z_t, t), in float32."""
+    alpha, sigma = (append_dims(s, z_t.ndim) for s in schedule.alpha_sigma(t))
+    c_skip, c_out = (
+        append_dims(s, z_t.ndim) for s in boundary_scalings(t, settings.sigma_data, settings.timestep_scaling)
+    )
+    x0_hat = predicted_origin(model_output.float(), z_t, alpha, sigma, settings.prediction_type)
+    return c_skip * z_t + c_out * x0_hat
+
+
+def lcd_loss(
+    z0: Tensor,
+    cond: Any,
+    uncond: Any,
+    student: UNetFn,
+    teacher: Callable[[Tensor, Tensor, Any], Tensor],
+    target: UNetFn,
+    schedule: NoiseSchedule,
+    settings: LCDSettings,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """One LCD example batch, Algorithm 1 of the LCM paper. z0 are clean latents (already scaled)."""
+    z0 = z0.float()
+    batch, device = z0.shape[0], z0.device
+    nd = z0.ndim
+
+    # Skipping-step pair (t_n_plus_k, t_n) on the DDIM grid, noise, and a guidance scale per example.
+    t_n_plus_k, t_n = sample_timestep_pairs(
+        batch, schedule.num_train_timesteps, settings.num_ddim_timesteps, generator, device
+    )
+    eps = torch.randn(z0.shape, generator=generator, device=device)
+    w = settings.w_min + (settings.w_max - settings.w_min) * torch.rand(batch, generator=generator, device=device)
+    alpha_nk, sigma_nk = (append_dims(s, nd) for s in schedule.alpha_sigma(t_n_plus_k))
+    alpha_n, sigma_n = (append_dims(s, nd) for s in schedule.alpha_sigma(t_n))
+    z_n_plus_k = alpha_nk * z0 + sigma_nk * eps
+
+    # Student: f_theta(z_{n+k}, t_{n+k}, c, w), with gradients.
+    f_student = consistency_function(
+        student(z_n_plus_k, t_n_plus_k, cond, w), z_n_plus_k, t_n_plus_k, schedule, settings
+    )
+
+    with torch.no_grad():
+        # Teacher: ONE forward over [cond; uncond], then guided x0 and eps, then one DDIM step to t_n.
+        out = teacher(torch.cat([z_n_plus_k, z_n_plus_k]), torch.cat([t_n_plus_k, t_n_plus_k]), cond.cat(uncond))
+        out_cond, out_uncond = out.float().chunk(2)
+        pt = settings.prediction_type
+        x0_c = predicted_origin(out_cond, z_n_plus_k, alpha_nk, sigma_nk, pt)
+        x0_u = predicted_origin(out_uncond, z_n_plus_k, alpha_nk, sigma_nk, pt)
+        eps_c = predicted_noise(out_cond, z_n_plus_k, alpha_nk, sigma_nk, pt)
+        eps_u = predicted_noise(out_uncond, z_n_plus_k, alpha_nk, sigma_nk, pt)
+        w_ = append_dims(w, nd)
+        x0_guided = x0_c + w_ * (x0_c - x0_u)  # LCM convention: classifier-free scale w + 1
+        eps_guided = eps_c + w_ * (eps_c - eps_u)
+        z_n = ddim_step(x0_guided, eps_guided, alpha_n, sigma_n)
+
+        # Target: f_theta-(z_n, t_n, c, w) (EMA for full LCD, the student itself for LoRA).
+        f_target = consistency_function(target(z_n, t_n, cond, w), z_n, t_n, schedule, settings)
+
+    if settings.loss == "l2":
+        loss = torch.nn.functional.mse_loss(f_student, f_target)
+    else:
+        loss = pseudo_huber(f_student, f_target, settings.huber_c).mean()
+    return loss, {"w_mean": float(w.mean()), "t_mean": float(t_n_plus_k.float().mean())}

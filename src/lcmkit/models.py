@@ -1,0 +1,322 @@
+"""Load a teacher (diffusers folder, hub id or single file) and build the student, teacher and target.
+
+Full LCD vs LCM-LoRA is decided here and nowhere else: `build_lcd_models` returns three callables
+with the same signature, and the loss never learns which mode it trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .conditioning import Conditioning, TextConditioner
+from .config import ConfigError, LCDConfig, LoraConfig, ModelConfig
+from .lcd import NoiseSchedule, guidance_scale_embedding
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+def pipeline_class(family: str) -> type:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+@dataclass
+class Teacher:
+    """The teacher's components, frozen, and where they came from."""
+
+    family: str
+    unet: nn.Module
+    vae: nn.Module
+    text_encoders: list[nn.Module]
+    tokenizers: list[Any]
+    scheduler: Any
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+    def noise_schedule(self) -> NoiseSchedule:
+        from diffusers import DDPMScheduler
+
+        ddpm = DDPMScheduler.from_config(self.scheduler.config)
+        return NoiseSchedule(ddpm.alphas_cumprod.float())
+
+    def conditioner(self) -> TextConditioner:
+        return TextConditioner(self.family, self.tokenizers, self.text_encoders)
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~")) and not os.path.exists(spec)
+
+
+def detect_family(spec: str, revision: str | None = None) -> str:
+    """'sdxl' or 'sd' from a folder's model_index.json, a hub id's, or a single file's keys."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            keys = f.keys()
+        return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd"
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ConfigError(f"teacher {spec} is not a diffusers pipeline folder (no model_index.json)")
+        info = json.loads(index.read_text())
+    else:
+        from diffusers import DiffusionPipeline
+
+        try:
+            info = DiffusionPipeline.load_config(spec, revision=revision)
+        except Exception as e:
+            raise ConfigError(f"could not read teacher {spec!r} from the hub: {_first_line(e)}") from None
+    name = str(info.get("_class_name", ""))
+    if "text_encoder" not in info or "unet" not in info:
+        raise ConfigError(f"teacher {spec} is a {name or 'pipeline'} without text_encoder/unet: not a SD/SDXL model")
+    return "sdxl" if "XL" in name or "text_encoder_2" in info else "sd"
+
+
+def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teacher:
+    """Load the teacher pipeline's components (no safety checker)."""
+    spec = cfg.teacher
+    path = Path(spec).expanduser()
+    if path.suffix in PICKLE_SUFFIXES:
+        raise ConfigError(f"teacher {spec} is a pickle-based file: convert it to .safetensors (pickle runs code)")
+    if not path.exists() and not looks_like_hub_id(spec):
+        raise ConfigError(f"teacher {spec} does not exist (give a diffusers folder, a .safetensors file or a hub id)")
+    if path.is_file() and path.suffix != ".safetensors":
+        raise ConfigError(f"teacher {spec} is not a .safetensors file or a diffusers folder")
+    try:
+        family = cfg.family or detect_family(spec, cfg.revision)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"could not read teacher {spec}: {_first_line(e)}") from None
+    cls = pipeline_class(family)
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    if family == "sd":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if cfg.vae:
+        from diffusers import AutoencoderKL
+
+        vae_path = Path(cfg.vae)
+        sub = "vae" if (vae_path / "vae").is_dir() else None
+        try:
+            kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.vae, subfolder=sub, torch_dtype=dtype)
+        except Exception as e:
+            raise ConfigError(f"could not load --vae {cfg.vae}: {_first_line(e)}") from None
+    try:
+        if path.is_file():
+            pipe = cls.from_single_file(str(path), config=cfg.teacher_config, **kwargs)
+        else:
+            pipe = cls.from_pretrained(spec, revision=cfg.revision, variant=cfg.variant, **kwargs)
+    except Exception as e:
+        raise ConfigError(f"could not load teacher {spec}: {_first_line(e)}") from None
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    for module in [pipe.unet, pipe.vae, *encoders]:
+        module.requires_grad_(False)
+        module.eval()
+    extra = {}
+    if family == "sdxl":
+        extra["force_zeros_for_empty_prompt"] = pipe.config.get("force_zeros_for_empty_prompt", True)
+    return Teacher(family, pipe.unet, pipe.vae, encoders, tokenizers, pipe.scheduler, spec, extra)
+
+
+def unet_call(
+    unet: nn.Module, z_t: Tensor, t: Tensor, cond: Conditioning, timestep_cond: Tensor | None = None
+) -> Tensor:
+    dtype = next(unet.parameters()).dtype
+    if timestep_cond is not None:
+        timestep_cond = timestep_cond.to(dtype)
+    return unet(z_t.to(dtype), t, timestep_cond=timestep_cond, **cond.to(dtype=dtype).unet_kwargs()).sample
+
+
+@contextmanager
+def adapters_disabled(unet: nn.Module) -> Iterator[None]:
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+class TrainableState:
+    """state_dict of only the parameters that train (LoRA weights, or the whole full student)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        params = dict(self.module.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+        if missing:
+            raise ConfigError(
+                f"checkpoint does not match this model: missing {missing[0]} (and {len(missing) - 1} more)"
+            )
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+
+@dataclass
+class LCDModels:
+    """Student, teacher and target behind one signature; plus what trains and what to checkpoint."""
+
+    mode: str
+    student_unet: nn.Module
+    target_unet: nn.Module | None  # full: the EMA copy; LoRA: None (the target is the student)
+    teacher_unet: nn.Module
+    guidance_embed_dim: int
+    ema_decay: float
+
+    def student_forward(self, unet: nn.Module | None = None):
+        """The student callable; `unet` may be the accelerate-wrapped module (DDP)."""
+        unet = unet or self.student_unet
+        if self.mode == "full":
+            return lambda z, t, c, w: unet_call(unet, z, t, c, guidance_scale_embedding(w, self.guidance_embed_dim))
+        return lambda z, t, c, w: unet_call(unet, z, t, c)
+
+    def teacher(self, z_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        if self.mode == "lora":
+            with adapters_disabled(self.teacher_unet):
+                return unet_call(self.teacher_unet, z_t, t, cond)
+        return unet_call(self.teacher_unet, z_t, t, cond)
+
+    def target(self, z_t: Tensor, t: Tensor, cond: Conditioning, w: Tensor) -> Tensor:
+        if self.mode == "full":
+            return unet_call(self.target_unet, z_t, t, cond, guidance_scale_embedding(w, self.guidance_embed_dim))
+        return unet_call(self.student_unet, z_t, t, cond)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.student_unet.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """theta- <- decay theta- + (1 - decay) theta (full LCD only)."""
+        if self.target_unet is None:
+            return
+        target = list(self.target_unet.parameters())
+        online = [p.to(t.dtype) for p, t in zip(self.student_unet.parameters(), target)]
+        torch._foreach_lerp_(target, online, 1.0 - self.ema_decay)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"student": TrainableState(self.student_unet)}
+        if self.target_unet is not None:
+            state["target"] = self.target_unet
+        return state
+
+
+def make_full_student(teacher_unet: nn.Module, guidance_embed_dim: int) -> nn.Module:
+    """A copy of the teacher UNet with time_cond_proj_dim set: w enters through timestep_cond."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(teacher_unet.config)
+    config["time_cond_proj_dim"] = guidance_embed_dim
+    student = UNet2DConditionModel.from_config(config).to(teacher_unet.dtype)
+    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+    assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
+    # Zero init: the student starts as exactly the teacher, and w is learned from there.
+    nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student
+
+
+def lora_config(cfg: LoraConfig) -> Any:
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank,
+        target_modules=list(cfg.lora_target_modules),
+        lora_dropout=cfg.lora_dropout,
+        init_lora_weights="gaussian",
+    )
+
+
+def build_lcd_models(
+    teacher: Teacher, mode: str, lcd: LCDConfig, lora: LoraConfig, frozen_dtype: torch.dtype = torch.float32
+) -> LCDModels:
+    """Full: student = teacher + w input (fp32, trains), target = EMA of it, teacher frozen (frozen_dtype).
+    LoRA: one UNet: student = teacher + adapters, teacher = adapters disabled, target = student (no grad)."""
+    if mode == "full":
+        student = make_full_student(teacher.unet, lcd.guidance_embed_dim).float()
+        student.requires_grad_(True).train()
+        target = copy.deepcopy(student).requires_grad_(False)
+        teacher.unet.to(frozen_dtype)
+        return LCDModels("full", student, target, teacher.unet, lcd.guidance_embed_dim, lcd.ema_decay)
+    unet = teacher.unet.to(frozen_dtype)
+    try:
+        unet.add_adapter(lora_config(lora))
+    except ValueError as e:
+        raise ConfigError(f"--lora-target-modules {lora.lora_target_modules}: {_first_line(e)}") from None
+    for p in unet.parameters():  # adapters train in fp32 even when the base is half precision
+        if p.requires_grad:
+            p.data = p.data.float()
+    unet.train()
+    return LCDModels("lora", unet, None, unet, lcd.guidance_embed_dim, lcd.ema_decay)
+
+
+def lora_state_dict(unet: nn.Module) -> dict[str, Tensor]:
+    """The adapter weights in diffusers' key format (what load_lora_weights expects)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(unet: nn.Module, family: str, out_dir: Path, lora: LoraConfig) -> Path:
+    """pytorch_lora_weights.safetensors that `pipe.load_lora_weights(out_dir)` loads (alpha kept in metadata)."""
+    state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet).items()}
+    metadata = lora_config(lora).to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])
+    pipeline_class(family).save_lora_weights(
+        str(out_dir), unet_lora_layers=state, unet_lora_adapter_metadata=metadata, safe_serialization=True
+    )
+    return out_dir / "pytorch_lora_weights.safetensors"
+
+
+def save_full_lcm(student: nn.Module, teacher: Teacher, out_dir: Path, num_ddim_timesteps: int) -> None:
+    """`unet/` plus `pipeline/`: a ready LCM pipeline folder (LatentConsistencyModelPipeline for SD,
+    StableDiffusionXLPipeline with LCMScheduler for SDXL)."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    student.save_pretrained(out_dir / "unet")
+    scheduler = LCMScheduler.from_config(teacher.scheduler.config, original_inference_steps=num_ddim_timesteps)
+    if teacher.family == "sd":
+        pipe = LatentConsistencyModelPipeline(
+            vae=teacher.vae, text_encoder=teacher.text_encoders[0], tokenizer=teacher.tokenizers[0], unet=student,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+    else:
+        pipe = pipeline_class("sdxl")(
+            vae=teacher.vae, text_encoder=teacher.text_encoders[0], text_encoder_2=teacher.text_encoders[1],
+            tokenizer=teacher.tokenizers[0], tokenizer_2=teacher.tokenizers[1], unet=student, scheduler=scheduler,
+            force_zeros_for_empty_prompt=teacher.extra.get("force_zeros_for_empty_prompt", True),
+        )  # fmt: skip
+    pipe.save_pretrained(out_dir / "pipeline", safe_serialization=True)

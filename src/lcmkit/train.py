@@ -1,0 +1,340 @@
+"""A small accelerate training loop: accumulation, mixed precision, clipping, checkpoints, resume,
+logging, periodic callbacks. It knows nothing of LCD: it minimises whatever `loss_fn` returns.
+
+Checkpoints hold no pickle: tensors go to safetensors and the rest (optimizer hyperparameters, RNG
+states, step) to JSON. Each is written under a temporary name and renamed, then `latest` is
+replaced atomically, so a killed run never points at a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
+class GeneratorState:
+    """Makes a torch.Generator checkpointable."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["state"])
+
+
+class GlobalRNGState:
+    """torch (and CUDA), numpy and Python global RNG states."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "python": list(random.getstate()),
+            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            "numpy_pos": int(np.random.get_state()[2]),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- pickle-free serialization of nested state ------------------------------------------------------
+
+
+def _flatten(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {"__dict__": {k: _flatten(v, f"{key}.{k}", tensors) for k, v in obj.items()}}
+        return {"__items__": [[k, _flatten(v, f"{key}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__" if isinstance(obj, list) else "__tuple__": [
+            _flatten(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)
+        ]}  # fmt: skip
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {key}")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {k: _unflatten(v, tensors) for k, v in obj["__dict__"].items()}
+        if "__items__" in obj:
+            return {k: _unflatten(v, tensors) for k, v in obj["__items__"]}
+        if "__list__" in obj:
+            return [_unflatten(v, tensors) for v in obj["__list__"]]
+        if "__tuple__" in obj:
+            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+    return obj
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(folder: Path, step: int, objects: dict[str, Stateful], meta: dict[str, Any]) -> Path:
+    """Write checkpoint-<step> atomically and point `latest` at it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"checkpoint-{step:08d}"
+    tmp = folder / f".checkpoint-{step:08d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors: dict[str, torch.Tensor] = {}
+    structure = {name: _flatten(obj.state_dict(), name, tensors) for name, obj in objects.items()}
+    save_file(tensors, tmp / "state.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "meta": meta, "state": structure}))
+    for f in tmp.iterdir():
+        with open(f, "rb+") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    atomic_write_text(folder / "latest", final.name + "\n")
+    return final
+
+
+def find_checkpoint(out_dir: Path, spec: str) -> Path | None:
+    """'latest' -> the checkpoint `latest` points to (None if there is none yet); else a folder."""
+    folder = out_dir / CHECKPOINT_DIR
+    if spec == "latest":
+        pointer = folder / "latest"
+        if not pointer.is_file():
+            return None
+        path = folder / pointer.read_text().strip()
+    else:
+        path = Path(spec)
+    if not (path / "state.json").is_file() or not (path / "state.safetensors").is_file():
+        raise FileNotFoundError(f"{path} is not a complete lcmkit checkpoint")
+    return path
+
+
+def load_checkpoint(path: Path, objects: dict[str, Stateful]) -> dict[str, Any]:
+    record = json.loads((path / "state.json").read_text())
+    tensors = load_file(path / "state.safetensors")
+    for name, obj in objects.items():
+        if name not in record["state"]:
+            raise KeyError(f"checkpoint {path} has no state for {name}")
+        obj.load_state_dict(_unflatten(record["state"][name], tensors))
+    return record
+
+
+def prune_checkpoints(folder: Path, keep: int | None) -> None:
+    if not keep:
+        return
+    done = sorted(p for p in folder.glob("checkpoint-*") if p.is_dir())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainerSettings:
+    out_dir: Path
+    max_steps: int
+    batch_size: int
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    checkpoint_every: int = 0
+    checkpoints_total_limit: int | None = None
+    log_every: int = 10
+    callback_every: int = 0
+    progress: bool = True
+    description: str = "training"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    start_step: int
+    median_s_per_step: float | None
+    samples_per_s: float | None
+    final_loss: float | None
+    wall_s: float
+
+
+class Trainer:
+    """Minimises `loss_fn(batch) -> (loss, logs)` over `dataloader` batches.
+
+    `state` names every object to checkpoint besides the optimizer, scheduler and global RNGs
+    (trainable weights, EMA copies, private generators). `on_step_end` runs after each optimizer
+    step (e.g. an EMA update); `callback(step)` runs every `callback_every` steps on the main process.
+    """
+
+    def __init__(
+        self,
+        accelerator: Any,
+        settings: TrainerSettings,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any,
+        dataloader: Any,
+        loss_fn: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
+        state: dict[str, Stateful],
+        on_step_end: Callable[[], None] | None = None,
+        callback: Callable[[int], None] | None = None,
+        meta: dict[str, Any] | None = None,
+    ):
+        self.accelerator = accelerator
+        self.settings = settings
+        self.model = model
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.dataloader = dataloader
+        self.loss_fn = loss_fn
+        self.state = {**state, "optimizer": optimizer, "lr_scheduler": lr_scheduler, "rng": GlobalRNGState()}
+        self.on_step_end = on_step_end
+        self.callback = callback
+        self.meta = meta or {}
+        self.step = 0
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    @property
+    def checkpoint_folder(self) -> Path:
+        return self.settings.out_dir / CHECKPOINT_DIR
+
+    def resume(self, spec: str) -> bool:
+        """Load a checkpoint ('latest' or a path); False when 'latest' finds none."""
+        path = find_checkpoint(self.settings.out_dir, spec)
+        if path is None:
+            return False
+        record = load_checkpoint(path, self.state)
+        self.step = int(record["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def save(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.accelerator.is_main_process:
+            path = save_checkpoint(self.checkpoint_folder, self.step, self.state, self.meta)
+            prune_checkpoints(self.checkpoint_folder, self.settings.checkpoints_total_limit)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _batches(self) -> Iterator[Any]:
+        it = iter(self.dataloader)
+        # Resume exactly: the data order is a function of the seed, so skip what was consumed.
+        for _ in range(self.step * self.settings.gradient_accumulation_steps):
+            next(it)
+        return it
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.accelerator.log(record, step=self.step)
+        if self.accelerator.is_main_process:
+            logs = self.settings.out_dir / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            with open(logs / "train_log.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **record}) + "\n")
+
+    def run(self) -> TrainResult:
+        s, acc = self.settings, self.accelerator
+        start_step, t_start = self.step, time.perf_counter()
+        batches = self._batches()
+        accum = s.gradient_accumulation_steps
+        samples_per_step = s.batch_size * accum * acc.num_processes
+        bar = tqdm(total=s.max_steps, initial=self.step, desc=s.description, dynamic_ncols=True,
+                   disable=not (s.progress and acc.is_local_main_process))  # fmt: skip
+        step_times: list[float] = []
+        loss_value = None
+        self.model.train()
+        while self.step < s.max_steps:
+            t0 = time.perf_counter()
+            total_loss = torch.zeros((), device=acc.device)
+            logs: dict[str, float] = {}
+            for micro in range(accum):
+                batch = next(batches)
+                sync = acc.no_sync(self.model) if micro < accum - 1 else nullcontext()
+                with sync, acc.autocast():
+                    loss, logs = self.loss_fn(batch)
+                    acc.backward(loss / accum)
+                total_loss += loss.detach() / accum
+            if s.max_grad_norm:
+                acc.clip_grad_norm_(self.params, s.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.on_step_end is not None:
+                self.on_step_end()
+            self.step += 1
+            step_times.append(time.perf_counter() - t0)
+
+            if self.step % s.log_every == 0 or self.step == s.max_steps:
+                loss_value = float(acc.reduce(total_loss, "mean"))
+                lr = self.lr_scheduler.get_last_lr()[0]
+                rate = samples_per_step / statistics.median(step_times[-20:])
+                self._log({"loss": loss_value, "lr": lr, "samples_per_s": rate, **logs})
+                bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2g}", samples_s=f"{rate:.1f}")
+            bar.update(1)
+            if s.checkpoint_every and self.step % s.checkpoint_every == 0:
+                self.save()
+            if self.callback is not None and s.callback_every and self.step % s.callback_every == 0:
+                if acc.is_main_process:
+                    self.callback(self.step)
+                acc.wait_for_everyone()
+        bar.close()
+        timed = step_times[1:] or step_times  # the first step pays for warm-up
+        median = statistics.median(timed) if timed else None
+        return TrainResult(
+            steps=self.step, start_step=start_step, median_s_per_step=median,
+            samples_per_s=samples_per_step / median if median else None, final_loss=loss_value,
+            wall_s=time.perf_counter() - t_start,
+        )  # fmt: skip

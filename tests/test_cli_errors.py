@@ -1,0 +1,103 @@
+"""Bad input ends with one clear line on stderr and exit code 2, no traceback, nothing lost."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lcmkit.cli import main
+from lcmkit.config import ConfigError, load_config, validate
+
+
+def run(capsys, *args: str) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def base(teacher: str, data: str, out: Path) -> list[str]:
+    return ["distill", "--teacher", teacher, "--data", data, "--out", str(out), "--max-steps", "1",
+            "--batch-size", "1", "--resolution", "64", "--lora-rank", "2", "--no-progress"]  # fmt: skip
+
+
+def test_missing_teacher(capsys, shards, tmp_path):
+    code, err = run(capsys, *base(str(tmp_path / "nope"), shards, tmp_path / "o"))
+    assert code == 2 and "nope" in err and "does not exist" in err and len(err.splitlines()) == 1
+
+
+def test_non_diffusion_teacher(capsys, shards, tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "notamodel" / "readme.txt").write_text("hi")
+    code, err = run(capsys, *base(str(tmp_path / "notamodel"), shards, tmp_path / "o"))
+    assert code == 2 and "not a diffusers pipeline folder" in err and len(err.splitlines()) == 1
+
+
+def test_pickle_teacher_refused(capsys, shards, tmp_path):
+    f = tmp_path / "model.ckpt"
+    f.write_bytes(b"not really")
+    code, err = run(capsys, *base(str(f), shards, tmp_path / "o"))
+    assert code == 2 and "pickle" in err
+
+
+def test_w_min_above_w_max(capsys, tiny_sd, shards, tmp_path):
+    code, err = run(capsys, *base(tiny_sd, shards, tmp_path / "o"), "--w-min", "9", "--w-max", "3")
+    assert code == 2 and "--w-min 9.0" in err and "--w-max 3.0" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("spec", ["", "{missing}/{00000..00003}.tar", "*.nothing"])
+def test_empty_or_missing_data(capsys, tiny_sd, tmp_path, spec):
+    data = spec.replace("{missing}", str(tmp_path / "missing")) if spec else " "
+    if spec.startswith("*"):
+        data = str(tmp_path / spec)
+    code, err = run(capsys, *base(tiny_sd, data, tmp_path / "o"))
+    assert code == 2 and "--data" in err and len(err.splitlines()) == 1
+
+
+def test_unreadable_data_names_the_source(capsys, tiny_sd, tmp_path):
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"this is not a tar file" * 100)
+    code, err = run(capsys, *base(tiny_sd, str(bad), tmp_path / "o"))
+    assert code == 2 and "bad.tar" in err and "no usable sample" in err
+
+
+def test_finished_out_is_refused_and_kept(capsys, tiny_sd, shards, tmp_path):
+    out = tmp_path / "run"
+    assert main(base(tiny_sd, shards, out)) == 0
+    capsys.readouterr()
+    weights = (out / "pytorch_lora_weights.safetensors").read_bytes()
+    code, err = run(capsys, *base(tiny_sd, shards, out))
+    assert code == 2 and "already holds a finished run" in err and "--overwrite" in err
+    assert (out / "pytorch_lora_weights.safetensors").read_bytes() == weights
+    assert main(base(tiny_sd, shards, out) + ["--overwrite"]) == 0
+
+
+def test_bad_config_values_name_the_option(tmp_path):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('[lcd]\nw_min = "three"\n')
+    with pytest.raises(ConfigError, match="w_min"):
+        load_config(str(cfg_file))
+    cfg_file.write_text("[lcd]\nbogus = 1\n")
+    with pytest.raises(ConfigError, match="bogus"):
+        load_config(str(cfg_file))
+    cfg = load_config(None, {"teacher": "x", "data": "y", "out": "z", "loss": "l1"})
+    with pytest.raises(ConfigError, match="--loss 'l1'"):
+        validate(cfg)
+
+
+def test_flags_override_the_config_file(tmp_path):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('mode = "full"\n[lcd]\nw_min = 2.0\nw_max = 8.0\n[lora]\nlora_rank = 16\n')
+    cfg = load_config(str(cfg_file), {"w_max": 10.0, "lora_rank": None})
+    assert (cfg.mode, cfg.lcd.w_min, cfg.lcd.w_max, cfg.lora.lora_rank) == ("full", 2.0, 10.0, 16)
+
+
+def test_no_traceback_from_a_real_process(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "lcmkit", "distill", "--teacher", str(tmp_path / "x"), "--data", "a.tar", "--out",
+         str(tmp_path / "o")], capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("lcmkit: error:")
