@@ -26,6 +26,22 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _toy_train_teacher(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import fields
+    from pathlib import Path
+
+    from .toy.teacher import TeacherRecipe, train_teacher
+
+    if not (Path(args.vae) / "config.json").is_file():
+        raise ConfigError(f"--vae {args.vae}: not a trained toy VAE folder (no config.json); train one with "
+                          "python -m lcmkit.toy.vae --out DIR --steps N")  # fmt: skip
+    given = {f.name: getattr(args, f.name) for f in fields(TeacherRecipe) if getattr(args, f.name, None) is not None}
+    summary = train_teacher(TeacherRecipe(**given), resume=not args.no_resume, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcmkit", description="Latent Consistency Distillation for SD / SDXL")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
@@ -34,6 +50,27 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Options come from --config (TOML) and flags; flags win.")  # fmt: skip
     add_flags(p)
     p.set_defaults(func=_distill)
+
+    toy = sub.add_parser("toy", help="the embedded toy world: build its teacher").add_subparsers(
+        dest="toy_command", required=True
+    )
+    t = toy.add_parser("train-teacher", help="train the tiny toy teacher (resumable; checkpoints in --out)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--vae", required=True, help="trained toy VAE folder")
+    for name, tp in (
+        ("steps", int),
+        ("batch_size", int),
+        ("learning_rate", float),
+        ("seed", int),
+        ("eval_every", int),
+        ("eval_images", int),
+        ("num_threads", int),
+        ("checkpoint_every", int),
+    ):
+        t.add_argument("--" + name.replace("_", "-"), type=tp, default=None)  # fmt: skip
+    t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_toy_train_teacher)
     return parser
 
 

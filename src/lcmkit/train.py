@@ -283,7 +283,7 @@ class Trainer:
             logs = self.settings.out_dir / "logs"
             logs.mkdir(parents=True, exist_ok=True)
             with open(logs / "train_log.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **record}) + "\n")
+                f.write(json.dumps({"step": self.step, "time": round(time.time(), 3), **record}) + "\n")
 
     def run(self) -> TrainResult:
         s, acc = self.settings, self.accelerator

@@ -1,0 +1,236 @@
+"""The toy teacher's training recipe: a tiny Stable Diffusion (UNet + CLIP text encoder) on the toy world.
+
+It trains with lcmkit's own Trainer, unchanged (the trainer knows nothing of LCD or of denoising: it
+minimises the loss it is given). The VAE is trained first (toy/vae.py) and frozen here; latents of a
+fixed rendered training set are computed once. The run checkpoints every few minutes and resumes
+with `--resume` (the default), so it can span sessions: `lcmkit toy train-teacher --out DIR`.
+
+The result is a plain StableDiffusionPipeline folder (epsilon prediction, SD's scaled-linear noise
+schedule, the real CLIPTokenizer class with a small BPE vocabulary), so the exact code path used for
+Stable Diffusion serves it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..train import GeneratorState, Trainer, TrainerSettings
+from .tokenizer import load_toy_tokenizer
+from .world import render_array, sample_scenes, sample_seed
+
+SD_SCHEDULE = dict(
+    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+    prediction_type="epsilon",
+)  # fmt: skip
+
+
+@dataclass
+class TeacherRecipe:
+    out: str
+    vae: str
+    """Folder of the trained toy VAE (save_pretrained)."""
+    steps: int = 30000
+    batch_size: int = 64
+    learning_rate: float = 5e-4
+    warmup_steps: int = 500
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1
+    num_train_images: int = 20000
+    seed: int = 0
+    checkpoint_every: int = 200
+    eval_every: int = 2000
+    eval_images: int = 200
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    layers_per_block: int = 1
+    text_hidden: int = 128
+    text_layers: int = 3
+    num_threads: int = 0
+
+
+def build_unet(recipe: TeacherRecipe) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    n = len(recipe.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=recipe.unet_channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        layers_per_block=recipe.layers_per_block, cross_attention_dim=recipe.text_hidden,
+        attention_head_dim=8, norm_num_groups=32,
+    )  # fmt: skip
+
+
+def build_text_encoder(recipe: TeacherRecipe, vocab_size: int) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = load_toy_tokenizer()
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=recipe.text_hidden, intermediate_size=recipe.text_hidden * 4,
+        num_hidden_layers=recipe.text_layers, num_attention_heads=4, max_position_embeddings=77,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        projection_dim=recipe.text_hidden,
+    )  # fmt: skip
+    return CLIPTextModel(config)
+
+
+class LatentBatches:
+    """Endless seeded batches of (latent mean, latent std, token ids) over a precomputed set.
+
+    Iterating again restarts from the beginning, so the trainer's resume (skip consumed batches) is exact."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, ids: torch.Tensor, batch_size: int, seed: int):
+        self.mean, self.std, self.ids, self.batch_size, self.seed = mean, std, ids, batch_size, seed
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        n, epoch = self.mean.shape[0], 0
+        while True:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+            for start in range(0, n - self.batch_size + 1, self.batch_size):
+                idx = order[start : start + self.batch_size]
+                yield {"mean": self.mean[idx], "std": self.std[idx], "ids": self.ids[idx]}
+            epoch += 1
+
+
+@torch.no_grad()
+def encode_training_set(vae: nn.Module, recipe: TeacherRecipe) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    scenes = sample_scenes(recipe.num_train_images, recipe.seed)
+    means, stds = [], []
+    for start in tqdm(range(0, len(scenes), 500), desc="encoding toy images"):
+        chunk = scenes[start : start + 500]
+        seeds = [sample_seed(recipe.seed, start + i) for i in range(len(chunk))]
+        pixels = torch.from_numpy(render_array(chunk, seeds)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        dist = vae.encode(pixels).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds), [s.caption() for s in scenes]
+
+
+def save_pipeline(out: Path, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, dtype=torch.float16) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=load_toy_tokenizer(), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.to(dtype).save_pretrained(out, safe_serialization=True)
+    pipe.to(torch.float32)
+
+
+@torch.no_grad()
+def prompt_accuracy_of(pipeline_dir: Path | Any, n: int, steps: int = 50, guidance: float = 5.0, seed: int = 1) -> dict:
+    """Teacher quality: DDIM at `steps` with guidance, scored by the pixel checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from .checker import attribute_accuracy, prompt_accuracy
+
+    pipe = pipeline_dir
+    if not hasattr(pipe, "unet"):
+        pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, torch_dtype=torch.float32)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [s.caption() for s in sample_scenes(n, 10_000 + seed)]
+    images = []
+    for start in range(0, n, 50):
+        batch = prompts[start : start + 50]
+        g = torch.Generator().manual_seed(seed + start)
+        images += pipe(batch, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
+                       generator=g, output_type="np").images  # fmt: skip
+    images = [(im * 255).round().astype(np.uint8) for im in images]
+    return {"prompt_accuracy": prompt_accuracy(images, prompts), **attribute_accuracy(images, prompts)}
+
+
+def train_teacher(recipe: TeacherRecipe, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    if recipe.num_threads:
+        torch.set_num_threads(recipe.num_threads)
+    out = Path(recipe.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    torch.manual_seed(recipe.seed)
+    vae = AutoencoderKL.from_pretrained(recipe.vae).eval().requires_grad_(False)
+    tokenizer = load_toy_tokenizer()
+    cache = out / "latents.safetensors"
+    if cache.is_file():
+        from safetensors.torch import load_file
+
+        data = load_file(cache)
+        mean, std, ids = data["mean"], data["std"], data["ids"]
+    else:
+        from safetensors.torch import save_file
+
+        mean, std, captions = encode_training_set(vae, recipe)
+        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        save_file({"mean": mean.contiguous(), "std": std.contiguous(), "ids": ids.contiguous()}, cache)
+    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+
+    model = nn.ModuleDict({"unet": build_unet(recipe), "text_encoder": build_text_encoder(recipe, len(tokenizer))})
+    ema = copy.deepcopy(model).requires_grad_(False)
+    accelerator = Accelerator()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.01)
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=recipe.warmup_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    alphas_cumprod = DDPMScheduler(**SD_SCHEDULE).alphas_cumprod
+    scaling = float(vae.config.scaling_factor)
+    generator = torch.Generator().manual_seed(recipe.seed + 1)
+
+    def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        b = batch["mean"].shape[0]
+        z0 = (batch["mean"] + batch["std"] * torch.randn(batch["mean"].shape, generator=generator)) * scaling
+        ids = batch["ids"].clone()
+        drop = torch.rand(b, generator=generator) < recipe.cond_dropout  # classifier-free guidance training
+        ids[drop] = empty_ids
+        t = torch.randint(0, 1000, (b,), generator=generator)
+        eps = torch.randn(z0.shape, generator=generator)
+        abar = alphas_cumprod[t].view(b, 1, 1, 1)
+        z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
+        hidden = model["text_encoder"](ids)[0]
+        return F.mse_loss(model["unet"](z_t, t, encoder_hidden_states=hidden).sample, eps), {}
+
+    @torch.no_grad()
+    def update_ema() -> None:
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - recipe.ema_decay)
+
+    def evaluate(step: int) -> None:
+        pipe_dir = out / "eval-pipeline"
+        save_pipeline(pipe_dir, ema["unet"], ema["text_encoder"], vae, dtype=torch.float32)
+        result = {"step": step, "time": time.time(), **prompt_accuracy_of(pipe_dir, recipe.eval_images)}
+        with open(out / "eval.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+        tqdm.write(f"step {step}: prompt accuracy {result['prompt_accuracy']:.3f}")
+
+    trainer = Trainer(
+        accelerator,
+        TrainerSettings(
+            out_dir=out, max_steps=recipe.steps, batch_size=recipe.batch_size, max_grad_norm=1.0,
+            checkpoint_every=recipe.checkpoint_every, checkpoints_total_limit=2,
+            log_every=min(50, recipe.checkpoint_every),
+            callback_every=recipe.eval_every, progress=progress, description="toy teacher",
+        ),
+        model, optimizer, lr_scheduler, LatentBatches(mean, std, ids, recipe.batch_size, recipe.seed), loss_fn,
+        state={"model": model, "ema": ema, "noise": GeneratorState(generator)},
+        on_step_end=update_ema, callback=evaluate,
+    )  # fmt: skip
+    if resume:
+        trainer.resume("latest")
+    t0 = time.time()
+    result = trainer.run()
+    save_pipeline(out / "teacher", ema["unet"], ema["text_encoder"], vae)
+    summary = {"steps": result.steps, "session_wall_s": time.time() - t0, "median_s_per_step": result.median_s_per_step}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
