@@ -43,8 +43,8 @@ def images(pipe, steps: int, guidance: float = 1.0, seed: int = 0) -> np.ndarray
 @pytest.fixture(scope="module")
 def sd_lora_run(tiny_sd, shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("sd-lora")
-    assert run_cli(*distill_args(tiny_sd, shards, out, "lora", "--validation-prompts", "a red square",
-                                 "--validation-every", "5")) == 0  # fmt: skip
+    extra = ["--validation-prompts", "a red square", "--validation-every", "5", "--report-to", "tensorboard"]
+    assert run_cli(*distill_args(tiny_sd, shards, out, "lora", *extra)) == 0
     return out
 
 
@@ -57,6 +57,7 @@ def test_sd_lora_loads_and_changes_the_image(tiny_sd, sd_lora_run):
     assert record["steps"] == STEPS and record["mode"] == "lora" and record["family"] == "sd"
     assert record["config"]["lora"]["lora_rank"] == 4 and "torch" in record["versions"]
     assert len(losses(out)) == STEPS and all(np.isfinite(list(losses(out).values())))
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "no tensorboard log"
     assert (out / "validation" / "step-00000005.png").is_file() and (out / "validation" / "step-00000010.png").is_file()
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
@@ -118,9 +119,10 @@ def test_sdxl_lora_and_full(tiny_sdxl, shards, tmp_path):
 
 def test_v_prediction_teacher_distills(tiny_sd_v, shards, tmp_path):
     out = tmp_path / "v"
-    assert run_cli(*distill_args(tiny_sd_v, shards, out, "lora", "--max-steps", "3")) == 0
+    extra = ["--max-steps", "3", "--gradient-accumulation-steps", "2", "--mixed-precision", "bf16"]
+    assert run_cli(*distill_args(tiny_sd_v, shards, out, "lora", *extra)) == 0
     record = json.loads((out / "lcmkit_run.json").read_text())
-    assert record["prediction_type"] == "v_prediction"
+    assert record["prediction_type"] == "v_prediction" and record["config"]["train"]["mixed_precision"] == "bf16"
     assert all(np.isfinite(list(losses(out).values())))
 
 

@@ -19,7 +19,15 @@ from .data import ImageTransform, ShardDataset, expand_shards, make_dataloader
 from .lcd import LCDSettings, lcd_loss
 from .models import LCDModels, Teacher, build_lcd_models, load_teacher, save_full_lcm, save_lora
 from .sample import generate, image_grid, lcm_pipeline
-from .train import CHECKPOINT_DIR, GeneratorState, Trainer, TrainerSettings, TrainResult, find_checkpoint
+from .train import (
+    CHECKPOINT_DIR,
+    GeneratorState,
+    Trainer,
+    TrainerSettings,
+    TrainResult,
+    accelerator_session,
+    find_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +143,6 @@ class Validator:
 
 def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
     """Run LCD end to end. Raises ConfigError on bad input before any heavy work."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-
     validate(cfg)
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("--mixed-precision fp16 needs a CUDA GPU: use bf16 or no on this machine")
@@ -151,11 +155,20 @@ def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
     out = prepare_out_dir(cfg)
     t_start = time.perf_counter()
 
-    accelerator = Accelerator(
+    with accelerator_session(
         mixed_precision=cfg.train.mixed_precision,
         log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
         project_dir=str(out / "logs"),
-    )
+    ) as accelerator:
+        return _run(cfg, urls, out, accelerator, command, t_start)
+
+
+def _run(
+    cfg: DistillConfig, urls: list[str], out: Path, accelerator: Any, command: str, t_start: float
+) -> DistillResult:
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
     if cfg.train.report_to != "none":
         accelerator.init_trackers("lcmkit", config=_flat_config(cfg))
     set_seed(cfg.train.seed)
@@ -249,7 +262,6 @@ def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }  # fmt: skip
         (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    accelerator.end_training()
     return DistillResult(out, cfg.mode, teacher.family, result, peak_rss_mb())
 
 

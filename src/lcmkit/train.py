@@ -16,7 +16,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -181,6 +181,21 @@ def prune_checkpoints(folder: Path, keep: int | None) -> None:
     done = sorted(p for p in folder.glob("checkpoint-*") if p.is_dir())
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def accelerator_session(**kwargs: Any) -> Iterator[Any]:
+    """An Accelerator whose process-wide state is reset on exit, so that a library user (or a test) can
+    run several trainings with different settings in one process."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    accelerator = Accelerator(**kwargs)
+    try:
+        yield accelerator
+    finally:
+        accelerator.end_training()
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 # -- the loop ---------------------------------------------------------------------------------------

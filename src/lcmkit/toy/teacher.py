@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..train import GeneratorState, Trainer, TrainerSettings
+from ..train import GeneratorState, Trainer, TrainerSettings, accelerator_session
 from .tokenizer import load_toy_tokenizer
 from .world import render_array, sample_scenes, sample_seed
 
@@ -153,7 +153,6 @@ def prompt_accuracy_of(pipeline_dir: Path | Any, n: int, steps: int = 50, guidan
 
 
 def train_teacher(recipe: TeacherRecipe, resume: bool = True, progress: bool = True) -> dict[str, Any]:
-    from accelerate import Accelerator
     from diffusers import AutoencoderKL, DDPMScheduler
     from diffusers.optimization import get_scheduler
 
@@ -181,56 +180,60 @@ def train_teacher(recipe: TeacherRecipe, resume: bool = True, progress: bool = T
 
     model = nn.ModuleDict({"unet": build_unet(recipe), "text_encoder": build_text_encoder(recipe, len(tokenizer))})
     ema = copy.deepcopy(model).requires_grad_(False)
-    accelerator = Accelerator()
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.01)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=recipe.warmup_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    alphas_cumprod = DDPMScheduler(**SD_SCHEDULE).alphas_cumprod
-    scaling = float(vae.config.scaling_factor)
-    generator = torch.Generator().manual_seed(recipe.seed + 1)
+    with accelerator_session() as accelerator:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        alphas_cumprod = DDPMScheduler(**SD_SCHEDULE).alphas_cumprod
+        scaling = float(vae.config.scaling_factor)
+        generator = torch.Generator().manual_seed(recipe.seed + 1)
 
-    def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        b = batch["mean"].shape[0]
-        z0 = (batch["mean"] + batch["std"] * torch.randn(batch["mean"].shape, generator=generator)) * scaling
-        ids = batch["ids"].clone()
-        drop = torch.rand(b, generator=generator) < recipe.cond_dropout  # classifier-free guidance training
-        ids[drop] = empty_ids
-        t = torch.randint(0, 1000, (b,), generator=generator)
-        eps = torch.randn(z0.shape, generator=generator)
-        abar = alphas_cumprod[t].view(b, 1, 1, 1)
-        z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
-        hidden = model["text_encoder"](ids)[0]
-        return F.mse_loss(model["unet"](z_t, t, encoder_hidden_states=hidden).sample, eps), {}
+        def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+            b = batch["mean"].shape[0]
+            z0 = (batch["mean"] + batch["std"] * torch.randn(batch["mean"].shape, generator=generator)) * scaling
+            ids = batch["ids"].clone()
+            drop = torch.rand(b, generator=generator) < recipe.cond_dropout  # classifier-free guidance training
+            ids[drop] = empty_ids
+            t = torch.randint(0, 1000, (b,), generator=generator)
+            eps = torch.randn(z0.shape, generator=generator)
+            abar = alphas_cumprod[t].view(b, 1, 1, 1)
+            z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
+            hidden = model["text_encoder"](ids)[0]
+            return F.mse_loss(model["unet"](z_t, t, encoder_hidden_states=hidden).sample, eps), {}
 
-    @torch.no_grad()
-    def update_ema() -> None:
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - recipe.ema_decay)
+        @torch.no_grad()
+        def update_ema() -> None:
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - recipe.ema_decay)
 
-    def evaluate(step: int) -> None:
-        pipe_dir = out / "eval-pipeline"
-        save_pipeline(pipe_dir, ema["unet"], ema["text_encoder"], vae, dtype=torch.float32)
-        result = {"step": step, "time": time.time(), **prompt_accuracy_of(pipe_dir, recipe.eval_images)}
-        with open(out / "eval.jsonl", "a") as f:
-            f.write(json.dumps(result) + "\n")
-        tqdm.write(f"step {step}: prompt accuracy {result['prompt_accuracy']:.3f}")
+        def evaluate(step: int) -> None:
+            pipe_dir = out / "eval-pipeline"
+            save_pipeline(pipe_dir, ema["unet"], ema["text_encoder"], vae, dtype=torch.float32)
+            result = {"step": step, "time": time.time(), **prompt_accuracy_of(pipe_dir, recipe.eval_images)}
+            with open(out / "eval.jsonl", "a") as f:
+                f.write(json.dumps(result) + "\n")
+            tqdm.write(f"step {step}: prompt accuracy {result['prompt_accuracy']:.3f}")
 
-    trainer = Trainer(
-        accelerator,
-        TrainerSettings(
-            out_dir=out, max_steps=recipe.steps, batch_size=recipe.batch_size, max_grad_norm=1.0,
-            checkpoint_every=recipe.checkpoint_every, checkpoints_total_limit=2,
-            log_every=min(50, recipe.checkpoint_every),
-            callback_every=recipe.eval_every, progress=progress, description="toy teacher",
-        ),
-        model, optimizer, lr_scheduler, LatentBatches(mean, std, ids, recipe.batch_size, recipe.seed), loss_fn,
-        state={"model": model, "ema": ema, "noise": GeneratorState(generator)},
-        on_step_end=update_ema, callback=evaluate,
-    )  # fmt: skip
-    if resume:
-        trainer.resume("latest")
-    t0 = time.time()
-    result = trainer.run()
-    save_pipeline(out / "teacher", ema["unet"], ema["text_encoder"], vae)
-    summary = {"steps": result.steps, "session_wall_s": time.time() - t0, "median_s_per_step": result.median_s_per_step}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+        trainer = Trainer(
+            accelerator,
+            TrainerSettings(
+                out_dir=out, max_steps=recipe.steps, batch_size=recipe.batch_size, max_grad_norm=1.0,
+                checkpoint_every=recipe.checkpoint_every, checkpoints_total_limit=2,
+                log_every=min(50, recipe.checkpoint_every),
+                callback_every=recipe.eval_every, progress=progress, description="toy teacher",
+            ),
+            model, optimizer, lr_scheduler, LatentBatches(mean, std, ids, recipe.batch_size, recipe.seed), loss_fn,
+            state={"model": model, "ema": ema, "noise": GeneratorState(generator)},
+            on_step_end=update_ema, callback=evaluate,
+        )  # fmt: skip
+        if resume:
+            trainer.resume("latest")
+        t0 = time.time()
+        result = trainer.run()
+        save_pipeline(out / "teacher", ema["unet"], ema["text_encoder"], vae)
+        summary = {
+            "steps": result.steps,
+            "session_wall_s": time.time() - t0,
+            "median_s_per_step": result.median_s_per_step,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
