@@ -76,11 +76,9 @@ def detect_family(spec: str, revision: str | None = None) -> str:
     """'sdxl' or 'sd' from a folder's model_index.json, a hub id's, or a single file's keys."""
     path = Path(spec).expanduser()
     if path.is_file():
-        from safetensors import safe_open
+        from .single_file import file_family
 
-        with safe_open(str(path), "pt") as f:
-            keys = f.keys()
-        return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd"
+        return file_family(path)
     if path.is_dir():
         index = path / "model_index.json"
         if not index.is_file():
@@ -129,8 +127,12 @@ def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teache
         except Exception as e:
             raise ConfigError(f"could not load --vae {cfg.vae}: {_first_line(e)}") from None
     try:
-        if path.is_file():
-            pipe = cls.from_single_file(str(path), config=cfg.teacher_config, **kwargs)
+        if path.is_file() and cfg.teacher_config:
+            from .single_file import import_single_file
+
+            pipe = import_single_file(path, cfg.teacher_config, family, dtype=kwargs.pop("torch_dtype"), **kwargs)
+        elif path.is_file():  # configs come from the hub
+            pipe = cls.from_single_file(str(path), **kwargs)
         else:
             pipe = cls.from_pretrained(spec, revision=cfg.revision, variant=cfg.variant, **kwargs)
     except Exception as e:
