@@ -71,6 +71,9 @@ def test_finished_out_is_refused_and_kept(capsys, tiny_sd, shards, tmp_path):
     code, err = run(capsys, *base(tiny_sd, shards, out))
     assert code == 2 and "already holds a finished run" in err and "--overwrite" in err
     assert (out / "pytorch_lora_weights.safetensors").read_bytes() == weights
+    # a typo in the teacher with --overwrite must not cost the previous run
+    code, err = run(capsys, *base(str(tmp_path / "typo"), shards, out), "--overwrite")
+    assert code == 2 and (out / "pytorch_lora_weights.safetensors").read_bytes() == weights
     assert main(base(tiny_sd, shards, out) + ["--overwrite"]) == 0
 
 

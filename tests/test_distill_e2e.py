@@ -99,6 +99,8 @@ def test_sdxl_lora_and_full(tiny_sdxl, shards, tmp_path):
 
     out = tmp_path / "sdxl-lora"
     assert run_cli(*distill_args(tiny_sdxl, shards, out, "lora")) == 0
+    # SDXL's pipeline uses zeros for an empty negative prompt (force_zeros_for_empty_prompt): so does LCD
+    assert json.loads((out / "lcmkit_run.json").read_text())["uncond"] == "zeros"
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

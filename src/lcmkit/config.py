@@ -53,8 +53,9 @@ class LCDConfig:
     timestep_scaling: float = 10.0
     sigma_data: float = 0.5
     ema_decay: float = 0.95
-    uncond: str = "empty"
-    """Unconditional embedding: 'empty' (the empty prompt's) or 'zeros' (the reference scripts')."""
+    uncond: str = "auto"
+    """Unconditional embedding: 'empty' (the empty prompt's), 'zeros' (the reference scripts'), or 'auto':
+    what the teacher's own pipeline uses (zeros for SDXL with force_zeros_for_empty_prompt, else empty)."""
     guidance_embed_dim: int = 256
 
 
@@ -256,8 +257,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ConfigError(f"--huber-c {lcd.huber_c}: must be > 0")
     if not 0 <= lcd.ema_decay < 1:
         raise ConfigError(f"--ema-decay {lcd.ema_decay}: must be in [0, 1)")
-    if lcd.uncond not in ("empty", "zeros"):
-        raise ConfigError(f"--uncond {lcd.uncond!r}: choose empty or zeros")
+    if lcd.uncond not in ("auto", "empty", "zeros"):
+        raise ConfigError(f"--uncond {lcd.uncond!r}: choose auto, empty or zeros")
     if cfg.lora.lora_rank < 1:
         raise ConfigError(f"--lora-rank {cfg.lora.lora_rank}: must be >= 1")
     if not cfg.lora.lora_target_modules:

@@ -47,7 +47,7 @@ class DistillResult:
 
 
 def prepare_out_dir(cfg: DistillConfig) -> Path:
-    """Refuse to clobber a finished or unfinished run unless asked; --overwrite removes only our files."""
+    """Refuse to clobber a finished or unfinished run unless asked (nothing is removed here)."""
     out = Path(cfg.train.out).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder")
@@ -56,12 +56,7 @@ def prepare_out_dir(cfg: DistillConfig) -> Path:
     finished = (out / RUN_RECORD).is_file()
     has_checkpoint = (out / CHECKPOINT_DIR / "latest").is_file()
     if cfg.train.overwrite:
-        for name in OUTPUTS:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        pass
     elif finished and not cfg.train.resume:
         raise ConfigError(f"--out {out} already holds a finished run: pass --overwrite to replace it, "
                           "--resume latest to continue it, or choose another folder")  # fmt: skip
@@ -73,8 +68,17 @@ def prepare_out_dir(cfg: DistillConfig) -> Path:
             find_checkpoint(out, cfg.train.resume)
         except FileNotFoundError as e:
             raise ConfigError(f"--resume {cfg.train.resume}: {e}") from None
-    out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def clear_outputs(out: Path) -> None:
+    """--overwrite: remove lcmkit's own files from --out (and nothing else)."""
+    for name in OUTPUTS:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: DistillConfig) -> torch.optim.Optimizer:
@@ -154,17 +158,27 @@ def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
     urls = expand_shards(cfg.data.data)
     out = prepare_out_dir(cfg)
     t_start = time.perf_counter()
+    teacher = load_teacher(cfg.model)
+    if cfg.train.overwrite:  # only once the teacher loaded: a typo must not cost the previous run
+        clear_outputs(out)
+    out.mkdir(parents=True, exist_ok=True)
 
     with accelerator_session(
         mixed_precision=cfg.train.mixed_precision,
         log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
         project_dir=str(out / "logs"),
     ) as accelerator:
-        return _run(cfg, urls, out, accelerator, command, t_start)
+        return _run(cfg, teacher, urls, out, accelerator, command, t_start)
 
 
 def _run(
-    cfg: DistillConfig, urls: list[str], out: Path, accelerator: Any, command: str, t_start: float
+    cfg: DistillConfig,
+    teacher: Teacher,
+    urls: list[str],
+    out: Path,
+    accelerator: Any,
+    command: str,
+    t_start: float,
 ) -> DistillResult:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -174,7 +188,6 @@ def _run(
     set_seed(cfg.train.seed)
     device = accelerator.device
 
-    teacher = load_teacher(cfg.model)
     frozen_dtype = DTYPES[cfg.train.mixed_precision]
     models = build_lcd_models(teacher, cfg.mode, cfg.lcd, cfg.lora, frozen_dtype)
     for module in (models.student_unet, models.teacher_unet, models.target_unet, teacher.vae, *teacher.text_encoders):
@@ -202,6 +215,7 @@ def _run(
     dataloader = make_dataloader(dataset, cfg.train.batch_size, cfg.data.num_workers)
 
     conditioner = teacher.conditioner()
+    uncond_mode = teacher.default_uncond() if cfg.lcd.uncond == "auto" else cfg.lcd.uncond
     schedule = teacher.noise_schedule()
     settings = LCDSettings(
         prediction_type=teacher.prediction_type, num_ddim_timesteps=cfg.lcd.num_ddim_timesteps,
@@ -218,7 +232,7 @@ def _run(
             pixels = batch["pixel_values"].to(device, vae.dtype)
             z0 = vae.encode(pixels).latent_dist.sample(generator) * scaling
             cond = conditioner.encode(batch["caption"], batch["original_size"], batch["crop_top_left"], size)
-            uncond = conditioner.unconditional(cond, cfg.lcd.uncond)
+            uncond = conditioner.unconditional(cond, uncond_mode)
         return lcd_loss(z0, cond, uncond, student_fn, models.teacher, models.target, schedule, settings, generator)
 
     validator = Validator(cfg, teacher, models, out, accelerator) if cfg.train.validation_prompts else None
@@ -254,6 +268,7 @@ def _run(
             validator(result.steps)
         record = {
             "mode": cfg.mode, "family": teacher.family, "prediction_type": teacher.prediction_type,
+            "uncond": uncond_mode,
             "command": command, "config": cfg.to_dict(), "versions": versions(),
             "steps": result.steps, "median_s_per_step": result.median_s_per_step,
             "samples_per_s": result.samples_per_s, "final_loss": result.final_loss,

@@ -57,6 +57,10 @@ class Teacher:
     def conditioner(self) -> TextConditioner:
         return TextConditioner(self.family, self.tokenizers, self.text_encoders)
 
+    def default_uncond(self) -> str:
+        """The unconditional embedding the teacher's pipeline uses for an empty negative prompt."""
+        return "zeros" if self.extra.get("force_zeros_for_empty_prompt") else "empty"
+
     @property
     def vae_scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
