@@ -42,6 +42,17 @@ def _toy_train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .toy.demo import DemoSettings, run_demo
+
+    given = {k: v for k, v in vars(args).items() if k in ("out", "mode", "teacher", "steps", "seed") and v is not None}
+    settings = DemoSettings.quick(**given) if args.quick else DemoSettings(**given)
+    result = run_demo(settings)
+    print(result["table"])
+    print(f"lcmkit demo: {result['total_s']:.0f} s; grid, metrics and plot in {result['out']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcmkit", description="Latent Consistency Distillation for SD / SDXL")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
@@ -50,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Options come from --config (TOML) and flags; flags win.")  # fmt: skip
     add_flags(p)
     p.set_defaults(func=_distill)
+
+    d = sub.add_parser("demo", help="distill the shipped toy teacher and compare it with its teacher, offline")
+    d.add_argument("--out", default=None, help="output folder (default runs/demo)")
+    d.add_argument("--mode", choices=["lora", "full"], default=None)
+    d.add_argument("--steps", type=int, default=None, help="distillation steps")
+    d.add_argument("--teacher", default=None, help="another toy-world teacher folder")
+    d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--quick", action="store_true", help="a smoke-test sized run")
+    d.set_defaults(func=_demo)
 
     toy = sub.add_parser("toy", help="the embedded toy world: build its teacher").add_subparsers(
         dest="toy_command", required=True

@@ -33,24 +33,32 @@ def lcm_pipeline(teacher: Teacher, unet: torch.nn.Module, num_ddim_timesteps: in
 
 @torch.no_grad()
 def generate(
-    pipe: Any, prompts: list[str], steps: int, guidance_scale: float, seed: int, size: int
+    pipe: Any,
+    prompts: list[str],
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    size: int,
+    batch_size: int = 16,
 ) -> list[Image.Image]:
-    """One image per prompt; image i uses seed + i, so images do not depend on the batch."""
-    images = []
-    for i, prompt in enumerate(prompts):
-        generator = torch.Generator("cpu").manual_seed(seed + i)
+    """One image per prompt; image i uses its own generator seeded seed + i, so an image does not depend
+    on the batch it was made in."""
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
         out = pipe(
-            prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
+            chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
             height=size, width=size, output_type="pil",
         )  # fmt: skip
-        images.append(out.images[0])
+        images += out.images
     return images
 
 
 def image_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str]) -> Image.Image:
     """A labelled grid: one row per prompt, one column per setting."""
     w, h = rows[0][0].size
-    cell = max(w, 64)
+    cell = max(w, 96)
     left, top = 8, 16
     grid = Image.new("RGB", (left + cell * len(col_labels), top + (cell + 12) * len(rows)), "white")
     draw = ImageDraw.Draw(grid)

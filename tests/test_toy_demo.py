@@ -1,0 +1,41 @@
+"""`lcmkit demo --quick` end to end on a toy-world teacher of the shipped architecture (random weights here)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from PIL import Image
+
+from lcmkit.cli import main
+from lcmkit.toy.teacher import TeacherRecipe, build_text_encoder, build_unet, save_pipeline, teacher_tokenizer
+from lcmkit.toy.vae import build_toy_vae
+
+
+def make_toy_teacher(path) -> str:
+    torch.manual_seed(0)
+    recipe = TeacherRecipe(out="", vae="", unet_channels=(32, 32), text_hidden=32, text_layers=1)
+    tok = teacher_tokenizer(recipe)
+    save_pipeline(path, build_unet(recipe), build_text_encoder(recipe, len(tok)), build_toy_vae(), tok, torch.float32)
+    return str(path)
+
+
+def test_quick_demo_writes_grid_table_and_plot(tmp_path, capsys):
+    teacher = make_toy_teacher(tmp_path / "teacher")
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--teacher", teacher, "--out", str(out)]) == 0
+    assert "teacher DPM++ 25" in capsys.readouterr().out
+    record = json.loads((out / "metrics.json").read_text())
+    labels = [c["label"] for c in record["columns"]]
+    assert labels == ["teacher DPM++ 25", "teacher DPM++ 4", "LCM 1", "LCM 2", "LCM 4"]
+    assert all(0 <= c["prompt_accuracy"] <= 1 and c["seconds_per_image"] > 0 for c in record["columns"])
+    assert record["distill_steps"] == 20
+    grid = Image.open(out / "grid.png")
+    assert grid.width >= 5 * 96 and grid.height >= 2 * 96
+    assert Image.open(out / "quality.png").width > 300
+    assert "| LCM 4 | 4 |" in (out / "metrics.md").read_text()
+
+
+def test_demo_without_teacher_says_what_to_do(tmp_path, capsys):
+    assert main(["demo", "--quick", "--teacher", str(tmp_path / "none"), "--out", str(tmp_path / "d")]) == 2
+    assert "toy teacher" in capsys.readouterr().err
