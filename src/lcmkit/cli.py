@@ -53,6 +53,49 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .sample import FewStepGenerator, parse_lora_spec, save_images
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"--prompts-file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    if args.num_images < 1:
+        raise ConfigError(f"--num-images {args.num_images}: must be >= 1")
+    init = None
+    if args.image:
+        if not Path(args.image).is_file():
+            raise ConfigError(f"--image {args.image} does not exist")
+        try:
+            init = Image.open(args.image)
+            init.load()
+        except Exception as e:
+            raise ConfigError(f"--image {args.image} is not a readable image: {e}") from None
+    loras = [parse_lora_spec(s) for s in args.lora or []]
+    gen = FewStepGenerator(args.base, loras, args.lcm, args.scheduler, args.device, args.dtype, args.base_config)
+    expanded = [p for p in prompts for _ in range(args.num_images)]
+    images = gen(
+        expanded, args.negative_prompt, args.steps, args.guidance, args.seed, args.width, args.height,
+        args.batch_size, init, args.strength, args.tcd_gamma, progress=True,
+    )  # fmt: skip
+    info = {
+        "steps": args.steps, "guidance": gen.default_guidance if args.guidance is None else args.guidance,
+        "scheduler": args.scheduler, "negative_prompt": args.negative_prompt, "model": args.lcm or args.base,
+        "loras": [f"{p}:{w}" for p, w in loras], "strength": args.strength if init else None,
+    }  # fmt: skip
+    out = save_images(images, expanded, args.out, args.seed, info, args.overwrite)
+    print(f"lcmkit: {len(images)} image(s) in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcmkit", description="Latent Consistency Distillation for SD / SDXL")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
@@ -61,6 +104,33 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Options come from --config (TOML) and flags; flags win.")  # fmt: skip
     add_flags(p)
     p.set_defaults(func=_distill)
+
+    g = sub.add_parser("generate", help="few-step images from base + LCM-LoRA (+ style LoRAs) or a full LCM")
+    g.add_argument("--base", help="base model: hub id, diffusers folder or .safetensors file")
+    g.add_argument("--base-config", help="for a single-file base offline: a diffusers folder with its configs")
+    g.add_argument(
+        "--lora", action="append", metavar="PATH[:WEIGHT]", help="LoRA to stack (repeatable), e.g. the LCM-LoRA"
+    )
+    g.add_argument("--lcm", help="a full LCM: a distill output folder or its pipeline/ folder")
+    g.add_argument("--prompt", action="append", help="repeatable")
+    g.add_argument("--prompts-file", help="one prompt per line")
+    g.add_argument("--negative-prompt")
+    g.add_argument("--steps", type=int, default=4)
+    g.add_argument("--guidance", type=float, default=None, help="default: 1 with a LoRA, 8.5 for a full LCM")
+    g.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--scheduler", choices=["lcm", "tcd"], default="lcm")
+    g.add_argument("--tcd-gamma", type=float, default=0.3)
+    g.add_argument("--image", help="init image for img2img")
+    g.add_argument("--strength", type=float, default=0.5, help="img2img strength in [0, 1]")
+    g.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    g.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
+    g.add_argument("--out", default="generated")
+    g.add_argument("--overwrite", action="store_true")
+    g.set_defaults(func=_generate)
 
     d = sub.add_parser("demo", help="distill the shipped toy teacher and compare it with its teacher, offline")
     d.add_argument("--out", default=None, help="output folder (default runs/demo)")
@@ -94,10 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries(verbose: bool) -> None:
+    """Our own progress bars and one-line errors only: no loading bars or advisory warnings from the libraries."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
+    if verbose:
+        return
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="lcmkit: %(message)s")
+    _quiet_libraries(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

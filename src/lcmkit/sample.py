@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,3 +71,253 @@ def image_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels:
             grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (left + j * cell, y))
         draw.text((left, y + cell), label[: cell * len(col_labels) // 6], fill="black")
     return grid
+
+
+# -- generation from a distilled model (`lcmkit generate` and the Python API) ------------------------
+
+
+def pick_device(device: str = "auto") -> str:
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device in ("cuda", "mps") else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+
+
+def lora_target_modules(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """UNet module name -> shape of its LoRA down (A) weight, read from a diffusers/peft LoRA file."""
+    from safetensors import safe_open
+
+    targets: dict[str, tuple[int, ...]] = {}
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            for marker in (".lora_A.weight", ".lora.down.weight", ".lora_A.default.weight"):
+                if key.endswith(marker):
+                    name = key[: -len(marker)]
+                    name = name.removeprefix("unet.").removeprefix("base_model.model.")
+                    targets[name] = tuple(f.get_slice(key).get_shape())
+    return targets
+
+
+def check_lora_matches(unet: torch.nn.Module, path: str | Path, family: str) -> None:
+    """Refuse a LoRA that matches no UNet module, or one made for another base (shapes differ)."""
+    from .config import ConfigError
+
+    targets = lora_target_modules(path)
+    if not targets:
+        raise ConfigError(f"LoRA {path} has no diffusers/peft LoRA weights (lora_A/lora.down keys); "
+                          "convert a kohya file with lcmkit export first")  # fmt: skip
+    modules = dict(unet.named_modules())
+    matched = [n for n in targets if n in modules]
+    if not matched:
+        example = next(iter(targets))
+        raise ConfigError(f"LoRA {path} matches no module of this {family.upper()} UNet (e.g. {example}): "
+                          "it was made for another model")  # fmt: skip
+    for name in matched:
+        layer = modules[name]
+        fan_in = layer.in_channels if hasattr(layer, "in_channels") else getattr(layer, "in_features", None)
+        if fan_in is not None and targets[name][1] != fan_in:
+            raise ConfigError(f"LoRA {path} does not fit this {family.upper()} base ({name} expects {fan_in} inputs, "
+                              f"the LoRA has {targets[name][1]}): it was made for another family")  # fmt: skip
+
+
+def _lora_file(path: str | Path) -> Path:
+    from .config import ConfigError
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "pytorch_lora_weights.safetensors"
+    if not p.is_file():
+        raise ConfigError(f"LoRA {path} does not exist (give a .safetensors file or a folder holding "
+                          "pytorch_lora_weights.safetensors)")  # fmt: skip
+    if p.suffix != ".safetensors":
+        raise ConfigError(f"LoRA {path} is not a .safetensors file (pickle-based files are refused)")
+    return p
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """'path[:weight]' -> (path, weight); a Windows drive letter or a path with ':' stays whole."""
+    from .config import ConfigError
+
+    path, sep, weight = spec.rpartition(":")
+    if sep and path and not Path(spec).exists():
+        try:
+            return path, float(weight)
+        except ValueError:
+            raise ConfigError(f"--lora {spec}: the weight after ':' must be a number") from None
+    return spec, 1.0
+
+
+class FewStepGenerator:
+    """Few-step generation from a base model plus LoRAs (an LCM-LoRA and optional style LoRAs, with
+    weights), or from a full LCM. Text-to-image and img2img, LCMScheduler or TCDScheduler."""
+
+    def __init__(
+        self,
+        base: str | None = None,
+        loras: list[tuple[str, float]] | None = None,
+        lcm: str | None = None,
+        scheduler: str = "lcm",
+        device: str = "auto",
+        dtype: str = "auto",
+        base_config: str | None = None,
+        num_ddim_timesteps: int = 50,
+    ):
+        from .config import ConfigError, ModelConfig
+        from .models import load_teacher
+
+        loras = loras or []
+        if bool(base) == bool(lcm):
+            raise ConfigError("give either --base (with --lora) or --lcm (a full LCM folder)")
+        if scheduler not in ("lcm", "tcd"):
+            raise ConfigError(f"--scheduler {scheduler!r}: choose lcm or tcd")
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.full = lcm is not None
+        if lcm is not None:
+            self.pipe, self.family = self._load_full(lcm)
+        else:
+            teacher = load_teacher(ModelConfig(teacher=base, teacher_config=base_config))
+            self.family = teacher.family
+            self.pipe = lcm_pipeline(teacher, teacher.unet, num_ddim_timesteps)
+        self.adapters: list[tuple[str, float]] = []
+        for i, (path, weight) in enumerate(loras):
+            file = _lora_file(path)
+            check_lora_matches(self.pipe.unet, file, self.family)
+            name = f"lora{i}"
+            self.pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+            self.adapters.append((name, weight))
+        if self.adapters:
+            self.pipe.set_adapters([n for n, _ in self.adapters], adapter_weights=[w for _, w in self.adapters])
+        self.set_scheduler(scheduler)
+        self.pipe.to(self.device, self.dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        self._img2img: Any = None
+
+    @staticmethod
+    def _load_full(lcm: str) -> tuple[Any, str]:
+        from diffusers import DiffusionPipeline
+
+        from .config import ConfigError
+
+        folder = Path(lcm).expanduser()
+        if (folder / "pipeline" / "model_index.json").is_file():
+            folder = folder / "pipeline"
+        if not (folder / "model_index.json").is_file():
+            raise ConfigError(f"--lcm {lcm}: not a full-LCM pipeline folder (expected model_index.json or pipeline/)")
+        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+        if getattr(pipe.unet.config, "time_cond_proj_dim", None) is None:
+            raise ConfigError(f"--lcm {lcm}: its UNet has no guidance input (time_cond_proj_dim): not a full LCM")
+        family = "sdxl" if hasattr(pipe, "text_encoder_2") else "sd"
+        # One code path: the plain SD/SDXL pipelines feed guidance_scale - 1 to timestep_cond and run no CFG
+        # for such a UNet, and (unlike LatentConsistencyModelPipeline) pass TCD's gamma to the scheduler.
+        return pipeline_class(family).from_pipe(pipe), family
+
+    def set_scheduler(self, name: str) -> None:
+        from diffusers import LCMScheduler, TCDScheduler
+
+        cls = LCMScheduler if name == "lcm" else TCDScheduler
+        self.scheduler_name = name
+        self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config)
+
+    @property
+    def default_guidance(self) -> float:
+        """Full LCM: the w input (diffusers' default 8.5); LCM-LoRA: 1 (no classifier-free guidance)."""
+        return 8.5 if self.full else 1.0
+
+    def __call__(
+        self,
+        prompts: list[str],
+        negative_prompt: str | None = None,
+        steps: int = 4,
+        guidance: float | None = None,
+        seed: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        batch_size: int = 1,
+        init_image: Image.Image | None = None,
+        strength: float = 0.5,
+        tcd_gamma: float = 0.3,
+        progress: bool = False,
+    ) -> list[Image.Image]:
+        """Image i uses a generator seeded seed + i: the same seed gives the same image in any batch."""
+        from tqdm.auto import tqdm
+
+        from .config import ConfigError
+
+        if steps < 1:
+            raise ConfigError(f"--steps {steps}: must be >= 1")
+        if not 0.0 <= strength <= 1.0:
+            raise ConfigError(f"--strength {strength}: must be between 0 and 1")
+        if init_image is not None and int(steps * strength) < 1:
+            raise ConfigError(f"--steps {steps} x --strength {strength} leaves no denoising step: raise either")
+        guidance = self.default_guidance if guidance is None else guidance
+        if guidance < 0:
+            raise ConfigError(f"--guidance {guidance}: must be >= 0")
+        if negative_prompt and self.full:
+            raise ConfigError("a full LCM takes no negative prompt (guidance is its input); drop --negative-prompt")
+        pipe = self.pipe
+        kwargs: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "pil"}
+        if negative_prompt:
+            kwargs["negative_prompt"] = negative_prompt
+        if self.scheduler_name == "tcd":
+            kwargs["eta"] = tcd_gamma
+        if init_image is not None:
+            if self._img2img is None:
+                from diffusers import AutoPipelineForImage2Image
+
+                self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
+                self._img2img.set_progress_bar_config(disable=True)
+            pipe = self._img2img
+            kwargs.update(image=init_image.convert("RGB"), strength=strength)
+        else:
+            kwargs.update(width=width, height=height)
+        images: list[Image.Image] = []
+        batches = range(0, len(prompts), batch_size)
+        for start in tqdm(batches, desc="generating", disable=not progress):
+            chunk = prompts[start : start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
+            if negative_prompt:
+                kwargs["negative_prompt"] = [negative_prompt] * len(chunk)
+            images += pipe(chunk, generator=generators, **kwargs).images
+        return images
+
+
+def png_parameters(prompt: str, seed: int, info: dict[str, Any]) -> Any:
+    """PNG text chunks: an AUTOMATIC1111-style 'parameters' line and the full JSON record."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    neg = f"\nNegative prompt: {info['negative_prompt']}" if info.get("negative_prompt") else ""
+    line = (f"{prompt}{neg}\nSteps: {info['steps']}, Sampler: {info['scheduler'].upper()}, "
+            f"CFG scale: {info['guidance']}, Seed: {seed}, Model: {info.get('model', '')}")  # fmt: skip
+    meta.add_text("parameters", line)
+    meta.add_text("lcmkit", json.dumps({"prompt": prompt, "seed": seed, **info}))
+    return meta
+
+
+def save_images(
+    images: list[Image.Image], prompts: list[str], out: str | Path, seed: int, info: dict[str, Any], overwrite: bool
+) -> Path:
+    """NNNN-seedS.png files with their generation parameters in PNG text chunks; never overwrites silently."""
+    from .config import ConfigError
+
+    folder = Path(out)
+    paths = [folder / f"{i:04d}-seed{seed + i}.png" for i in range(len(images))]
+    clash = next((p for p in paths if p.exists()), None)
+    if clash is not None and not overwrite:
+        raise ConfigError(f"{clash} exists: pass --overwrite or choose another --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (path, prompt, image) in enumerate(zip(paths, prompts, images)):
+        image.save(path, pnginfo=png_parameters(prompt, seed + i, info))
+    return folder

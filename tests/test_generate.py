@@ -1,0 +1,125 @@
+"""`lcmkit generate` and FewStepGenerator on the tiny teachers with a distilled LCM-LoRA / full LCM."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lcmkit.cli import main
+from lcmkit.config import ConfigError
+from lcmkit.sample import FewStepGenerator
+
+
+def distill(teacher: str, shards: str, out, mode: str) -> str:
+    args = ["distill", "--teacher", teacher, "--data", shards, "--out", str(out), "--mode", mode, "--max-steps", "3",
+            "--batch-size", "2", "--resolution", "64", "--lora-rank", "4", "--learning-rate", "1e-3"]  # fmt: skip
+    assert main(args + ["--no-progress"]) == 0
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def sd_lora(tiny_sd, shards, tmp_path_factory) -> str:
+    return distill(tiny_sd, shards, tmp_path_factory.mktemp("lora"), "lora")
+
+
+@pytest.fixture(scope="module")
+def sdxl_lora(tiny_sdxl, shards, tmp_path_factory) -> str:
+    return distill(tiny_sdxl, shards, tmp_path_factory.mktemp("xl-lora"), "lora")
+
+
+def arr(images: list[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.float32) for im in images])
+
+
+def test_seeds_reproduce_images_in_any_batch(tiny_sd, sd_lora):
+    gen = FewStepGenerator(base=tiny_sd, loras=[(sd_lora, 1.0)])
+    prompts = ["a red square", "a blue circle", "a green square"]
+    one_by_one = gen(prompts, steps=2, seed=5, width=64, height=64, batch_size=1)
+    batched = gen(prompts, steps=2, seed=5, width=64, height=64, batch_size=3)
+    np.testing.assert_allclose(arr(one_by_one), arr(batched), atol=1.0)  # uint8 rounding at most
+    assert np.abs(arr(gen(prompts[:1], steps=2, seed=6, width=64, height=64)) - arr(one_by_one[:1])).max() > 0
+
+
+def test_adapter_weight_zero_is_the_base_image(tiny_sd, sd_lora):
+    base = FewStepGenerator(base=tiny_sd)
+    off = FewStepGenerator(base=tiny_sd, loras=[(sd_lora, 0.0), (sd_lora, 0.0)])
+    on = FewStepGenerator(base=tiny_sd, loras=[(sd_lora, 1.0)])
+    kw = dict(steps=4, seed=1, width=64, height=64)
+    ref = arr(base(["a red square"], **kw))
+    np.testing.assert_array_equal(arr(off(["a red square"], **kw)), ref)
+    assert np.abs(arr(on(["a red square"], **kw)) - ref).max() > 0
+
+
+def test_full_lcm_tcd_and_img2img(tiny_sd, shards, tmp_path):
+    full = distill(tiny_sd, shards, tmp_path / "full", "full")
+    gen = FewStepGenerator(lcm=full, scheduler="tcd")
+    assert gen.default_guidance == 8.5
+    img = gen(["a red square"], steps=2, width=64, height=64)[0]
+    assert img.size == (64, 64)
+    init = Image.new("RGB", (64, 64), (255, 0, 0))
+    out = gen(["a red square"], steps=4, init_image=init, strength=0.5)[0]
+    assert out.size == (64, 64)
+    with pytest.raises(ConfigError, match="negative prompt"):
+        gen(["x"], negative_prompt="blurry")
+
+
+def test_cli_writes_pngs_with_parameters(tiny_sd, sd_lora, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square\n\na blue circle\n")
+    out = tmp_path / "imgs"
+    args = ["generate", "--base", tiny_sd, "--lora", f"{sd_lora}:0.8", "--prompts-file", str(prompts), "--steps", "2",
+            "--width", "64", "--height", "64", "--seed", "10", "--out", str(out), "--negative-prompt", "blurry",
+            "--guidance", "1.5"]  # fmt: skip
+    assert main(args) == 0
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["0000-seed10.png", "0001-seed11.png"]
+    info = Image.open(files[1]).text
+    assert info["parameters"].startswith("a blue circle\nNegative prompt: blurry\nSteps: 2")
+    record = json.loads(info["lcmkit"])
+    assert record["seed"] == 11 and record["loras"] == [f"{sd_lora}:0.8"] and record["guidance"] == 1.5
+    assert main(args) == 2 and "exists" in capsys.readouterr().err  # never overwrites silently
+
+
+def test_refusals(tiny_sd, tiny_sdxl, sd_lora, sdxl_lora, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    unrelated = tmp_path / "other.safetensors"
+    keys = {"unet.not_a_module.lora_A.weight": torch.zeros(4, 8), "unet.not_a_module.lora_B.weight": torch.zeros(8, 4)}
+    save_file(keys, str(unrelated))
+    base = [
+        "generate",
+        "--base",
+        tiny_sd,
+        "--prompt",
+        "x",
+        "--out",
+        str(tmp_path / "o"),
+        "--width",
+        "64",
+        "--height",
+        "64",
+    ]
+    cases = [
+        (["--lora", str(unrelated)], "matches no module"),
+        (["--lora", sdxl_lora], "another"),
+        (["--lora", str(tmp_path / "missing.safetensors")], "does not exist"),
+        (["--steps", "-1"], "--steps -1"),
+        (["--image", __file__, "--strength", "1.5"], "not a readable image"),
+    ]
+    for extra, message in cases:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64)).save(init)
+    assert main(base + ["--image", str(init), "--strength", "1.5"]) == 2
+    assert "--strength 1.5" in capsys.readouterr().err
+    # and the SD LoRA on the SDXL base
+    assert (
+        main(["generate", "--base", tiny_sdxl, "--lora", sd_lora, "--prompt", "x", "--out", str(tmp_path / "o2")]) == 2
+    )
+    assert "another" in capsys.readouterr().err
