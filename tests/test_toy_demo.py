@@ -29,6 +29,7 @@ def test_quick_demo_writes_grid_table_and_plot(tmp_path, capsys):
     labels = [c["label"] for c in record["columns"]]
     assert labels == ["teacher DPM++ 25", "teacher DPM++ 4", "LCM 1", "LCM 2", "LCM 4"]
     assert all(0 <= c["prompt_accuracy"] <= 1 and c["seconds_per_image"] > 0 for c in record["columns"])
+    assert all(c["probe_fd"] > 0 for c in record["columns"])  # the shipped probe scores every column
     assert record["distill_steps"] == 20
     grid = Image.open(out / "grid.png")
     assert grid.width >= 5 * 96 and grid.height >= 2 * 96
