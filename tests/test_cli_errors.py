@@ -104,3 +104,14 @@ def test_no_traceback_from_a_real_process(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("lcmkit: error:")
+
+
+def test_8bit_adam_without_bitsandbytes(capsys, tiny_sd, shards, tmp_path):
+    try:
+        import bitsandbytes  # noqa: F401
+
+        pytest.skip("bitsandbytes is installed here")
+    except ImportError:
+        pass
+    code, err = run(capsys, *base(tiny_sd, shards, tmp_path / "o"), "--use-8bit-adam")
+    assert code == 2 and "bitsandbytes" in err and not (tmp_path / "o").exists()

@@ -155,6 +155,11 @@ def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
             import tensorboard  # noqa: F401
         except ImportError:
             raise ConfigError("--report-to tensorboard needs tensorboard: pip install tensorboard") from None
+    if cfg.optim.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes (CUDA)") from None
     urls = expand_shards(cfg.data.data)
     out = prepare_out_dir(cfg)
     t_start = time.perf_counter()
