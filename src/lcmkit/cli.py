@@ -33,6 +33,8 @@ def _toy_train_teacher(args: argparse.Namespace) -> int:
 
     from .toy.teacher import TeacherRecipe, train_teacher
 
+    if args.vae is None:
+        args.vae = str(Path(__file__).parent / "toy" / "assets" / "vae")
     if not (Path(args.vae) / "config.json").is_file():
         raise ConfigError(f"--vae {args.vae}: not a trained toy VAE folder (no config.json); train one with "
                           "python -m lcmkit.toy.vae --out DIR --steps N")  # fmt: skip
@@ -146,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t = toy.add_parser("train-teacher", help="train the tiny toy teacher (resumable; checkpoints in --out)")
     t.add_argument("--out", required=True)
-    t.add_argument("--vae", required=True, help="trained toy VAE folder")
+    t.add_argument("--vae", default=None, help="trained toy VAE folder (default: the shipped one)")
     for name, tp in (
         ("steps", int),
         ("batch_size", int),
