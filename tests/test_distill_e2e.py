@@ -65,6 +65,13 @@ def test_sd_lora_loads_and_changes_the_image(tiny_sd, sd_lora_run):
     pipe.set_progress_bar_config(disable=True)
     before = images(pipe, 4)
     pipe.load_lora_weights(str(out))
+    # every adapted module of the run is adapted after loading (none silently dropped)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        in_file = {k.split(".lora")[0].removeprefix("unet.") for k in f.keys()}
+    loaded = {n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+    assert loaded == in_file and any("attn1.to_q" in n for n in loaded)
     for steps in (1, 2, 4):
         after = images(pipe, steps)
         assert after.shape == (1, 64, 64, 3) and np.isfinite(after).all()

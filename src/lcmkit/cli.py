@@ -98,6 +98,30 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from . import export
+
+    if args.format == "kohya":
+        path = export.export_kohya(args.input, args.out)
+    elif args.format == "diffusers":
+        if not args.base:
+            raise ConfigError("export diffusers needs --base (the model the kohya LoRA was made for)")
+        path = export.import_kohya(args.input, args.out, args.base, args.base_config)
+    elif args.format == "fused":
+        if not args.base:
+            raise ConfigError("export fused needs --base (the model the LoRA was made for)")
+        path = export.fuse_lora(args.base, args.input, args.out, args.base_config)
+    else:
+        import torch
+
+        from .single_file import export_single_file
+
+        dtype = None if args.dtype == "keep" else {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        path = export_single_file(args.input, args.out, dtype=dtype)
+    print(f"lcmkit: wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcmkit", description="Latent Consistency Distillation for SD / SDXL")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
@@ -133,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="generated")
     g.add_argument("--overwrite", action="store_true")
     g.set_defaults(func=_generate)
+
+    e = sub.add_parser("export", help="convert outputs: kohya LoRA keys, fused pipeline, single-file checkpoint")
+    e.add_argument("format", choices=["kohya", "diffusers", "fused", "single-file"],
+                   help="kohya: diffusers LoRA -> kohya/webui keys; diffusers: kohya LoRA -> diffusers; "
+                   "fused: base + LoRA -> pipeline folder; single-file: pipeline -> original-layout file")  # fmt: skip
+    e.add_argument("input", help="LoRA file/folder, or a pipeline folder for single-file")
+    e.add_argument("--out", required=True)
+    e.add_argument("--base", help="for fused and diffusers: the base model the LoRA belongs to")
+    e.add_argument("--base-config", help="with a single-file base offline: a diffusers folder with its configs")
+    e.add_argument("--dtype", choices=["fp16", "fp32", "keep"], default="fp16", help="for single-file")
+    e.set_defaults(func=_export)
 
     d = sub.add_parser("demo", help="distill the shipped toy teacher and compare it with its teacher, offline")
     d.add_argument("--out", default=None, help="output folder (default runs/demo)")

@@ -289,11 +289,13 @@ def build_lcd_models(
 
 
 def lora_state_dict(unet: nn.Module) -> dict[str, Tensor]:
-    """The adapter weights in diffusers' key format (what load_lora_weights expects)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapter weights with peft's lora_A/lora_B names, which load_lora_weights maps onto every module.
+
+    (diffusers' convert_state_dict_to_diffusers renames attention keys to the old `lora.down` style, and
+    load_lora_weights then silently skips those: the attention adapters would be lost.)"""
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return get_peft_model_state_dict(unet)
 
 
 def save_lora(unet: nn.Module, family: str, out_dir: Path, lora: LoraConfig) -> Path:

@@ -129,7 +129,7 @@ def check_lora_matches(unet: torch.nn.Module, path: str | Path, family: str) -> 
                               f"the LoRA has {targets[name][1]}): it was made for another family")  # fmt: skip
 
 
-def _lora_file(path: str | Path) -> Path:
+def lora_file(path: str | Path) -> Path:
     from .config import ConfigError
 
     p = Path(path).expanduser()
@@ -190,7 +190,7 @@ class FewStepGenerator:
             self.pipe = lcm_pipeline(teacher, teacher.unet, num_ddim_timesteps)
         self.adapters: list[tuple[str, float]] = []
         for i, (path, weight) in enumerate(loras):
-            file = _lora_file(path)
+            file = lora_file(path)
             check_lora_matches(self.pipe.unet, file, self.family)
             name = f"lora{i}"
             self.pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)

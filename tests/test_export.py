@@ -1,0 +1,69 @@
+"""Export round trips: kohya keys, fused pipeline folders; each gives the same image as the diffusers LoRA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from lcmkit.cli import main
+
+
+@pytest.fixture(scope="module")
+def sd_lora(tiny_sd, shards, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("lora")
+    args = ["distill", "--teacher", tiny_sd, "--data", shards, "--out", str(out), "--max-steps", "3", "--batch-size",
+            "2", "--resolution", "64", "--lora-rank", "4", "--lora-alpha", "8", "--learning-rate", "1e-2"]  # fmt: skip
+    assert main(args + ["--no-progress"]) == 0
+    return str(out)
+
+
+def image(pipe) -> np.ndarray:
+    g = torch.Generator().manual_seed(3)
+    return pipe("a red square", num_inference_steps=4, guidance_scale=1.0, height=64, width=64, generator=g,
+                output_type="np").images[0]  # fmt: skip
+
+
+def lcm_pipe(folder: str):
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_kohya_export_loads_in_diffusers_to_the_same_image(tiny_sd, sd_lora, tmp_path):
+    pipe = lcm_pipe(tiny_sd)
+    base = image(pipe)
+    pipe.load_lora_weights(sd_lora)
+    reference = image(pipe)
+    assert np.abs(reference - base).max() > 1e-3
+
+    kohya = tmp_path / "lcm_kohya.safetensors"
+    assert main(["export", "kohya", sd_lora, "--out", str(kohya)]) == 0
+    with safe_open(str(kohya), "pt") as f:
+        keys = list(f.keys())
+        alphas = {float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")}
+    assert all(k.startswith("lora_unet_") for k in keys) and alphas == {8.0}
+    pipe = lcm_pipe(tiny_sd)
+    pipe.load_lora_weights(str(kohya))
+    np.testing.assert_allclose(image(pipe), reference, atol=1e-4)
+
+    back = tmp_path / "back"
+    assert main(["export", "diffusers", str(kohya), "--base", tiny_sd, "--out", str(back)]) == 0
+    pipe = lcm_pipe(tiny_sd)
+    pipe.load_lora_weights(str(back))
+    np.testing.assert_allclose(image(pipe), reference, atol=1e-4)
+
+
+def test_fused_pipeline_matches_the_unfused_lora(tiny_sd, sd_lora, tmp_path):
+    pipe = lcm_pipe(tiny_sd)
+    pipe.load_lora_weights(sd_lora)
+    reference = image(pipe)
+    fused = tmp_path / "fused"
+    assert main(["export", "fused", sd_lora, "--base", tiny_sd, "--out", str(fused)]) == 0
+    reloaded = lcm_pipe(str(fused))
+    np.testing.assert_allclose(image(reloaded), reference, atol=1e-4)
+    assert not any("lora" in n for n, _ in reloaded.unet.named_parameters())
