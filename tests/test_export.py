@@ -67,3 +67,31 @@ def test_fused_pipeline_matches_the_unfused_lora(tiny_sd, sd_lora, tmp_path):
     reloaded = lcm_pipe(str(fused))
     np.testing.assert_allclose(image(reloaded), reference, atol=1e-4)
     assert not any("lora" in n for n, _ in reloaded.unet.named_parameters())
+
+
+def test_info_says_what_each_output_is(tiny_sd, sd_lora, tmp_path, capsys):
+    import json
+
+    from lcmkit.single_file import export_single_file
+
+    def info(path) -> dict:
+        assert main(["info", str(path), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    lora = info(sd_lora)
+    assert lora["kind"] == "LoRA" and lora["format"] == "diffusers/peft" and lora["rank"] == 4 and lora["alpha"] == 8
+    assert "to_q" in lora["targets"] and "conv1" in lora["targets"]
+    assert lora["base_family"] == "unknown (cross-attention width 32)"  # the tiny teacher's text width
+    kohya = tmp_path / "k.safetensors"
+    assert main(["export", "kohya", sd_lora, "--out", str(kohya)]) == 0
+    capsys.readouterr()
+    assert info(kohya)["format"] == "kohya/webui" and info(kohya)["modules"] == lora["modules"]
+    pipe = info(tiny_sd)
+    assert pipe["kind"] == "pipeline" and pipe["family"] == "sd" and pipe["full_lcm"] is False
+    single = export_single_file(tiny_sd, str(tmp_path / "m.safetensors"))
+    assert info(single) == {"path": str(single), "kind": "single-file checkpoint", "family": "sd", "full_lcm": False,
+                            "tensors": info(single)["tensors"]}  # fmt: skip
+    assert main(["info", str(tmp_path / "nothing")]) == 2
+    bogus = tmp_path / "model.ckpt"
+    bogus.write_bytes(b"x")
+    assert main(["info", str(bogus)]) == 2 and "pickle" in capsys.readouterr().err

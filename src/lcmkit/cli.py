@@ -122,6 +122,21 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info(args: argparse.Namespace) -> int:
+    import json
+
+    from .info import describe
+
+    info = {k: v for k, v in describe(args.path).items() if v is not None}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcmkit", description="Latent Consistency Distillation for SD / SDXL")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
@@ -168,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base-config", help="with a single-file base offline: a diffusers folder with its configs")
     e.add_argument("--dtype", choices=["fp16", "fp32", "keep"], default="fp16", help="for single-file")
     e.set_defaults(func=_export)
+
+    i = sub.add_parser("info", help="say what a file or folder is (LoRA, pipeline, UNet, checkpoint, run)")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_info)
 
     d = sub.add_parser("demo", help="distill the shipped toy teacher and compare it with its teacher, offline")
     d.add_argument("--out", default=None, help="output folder (default runs/demo)")

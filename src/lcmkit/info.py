@@ -1,0 +1,96 @@
+"""`lcmkit info PATH`: say what a file or folder is, reading only headers and configs (never pickle)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+# The text width a UNet cross-attends to tells the base family apart.
+CROSS_ATTENTION_FAMILY = {768: "sd (1.x)", 1024: "sd (2.x)", 2048: "sdxl"}
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:
+        raise ConfigError(f"{path} is not a readable .safetensors file: {str(e).splitlines()[0]}") from None
+
+
+def _lora_info(shapes: dict[str, tuple[int, ...]], meta: dict[str, str]) -> dict[str, Any] | None:
+    kohya = [k for k in shapes if k.startswith("lora_unet_") and k.endswith(".lora_down.weight")]
+    peft = [k for k in shapes if k.endswith((".lora_A.weight", ".lora.down.weight"))]
+    downs = kohya or peft
+    if not downs:
+        return None
+    ranks = sorted({shapes[k][0] for k in downs})
+    names = [k.split(".lora")[0].removeprefix("unet.").removeprefix("lora_unet_") for k in downs]
+    kinds = sorted({n.replace("_", ".").split(".")[-1] if kohya else n.split(".")[-1] for n in names})
+    cross = [shapes[k][1] for k in downs if "attn2.to_k" in k or "attn2_to_k" in k]
+    family = CROSS_ATTENTION_FAMILY.get(cross[0], f"unknown (cross-attention width {cross[0]})") if cross else "unknown"
+    info: dict[str, Any] = {
+        "kind": "LoRA", "format": "kohya/webui" if kohya else "diffusers/peft", "modules": len(downs),
+        "rank": ranks[0] if len(ranks) == 1 else ranks, "targets": kinds, "base_family": family,
+    }  # fmt: skip
+    if "lora_adapter_metadata" in meta:
+        cfg = json.loads(meta["lora_adapter_metadata"])
+        info["alpha"] = cfg.get("unet.lora_alpha")
+    alphas = [k for k in shapes if k.endswith(".alpha")]
+    if alphas:
+        info["alpha"] = "per module (kohya .alpha)"
+    return info
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """A dict describing PATH; raises ConfigError when it is nothing lcmkit knows."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{path} does not exist")
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise ConfigError(f"{path}: only .safetensors files are inspected (pickle-based files are not opened)")
+        shapes, meta = _safetensors_header(p)
+        lora = _lora_info(shapes, meta)
+        if lora is not None:
+            return {"path": str(p), **lora}
+        if any(k.startswith("model.diffusion_model.") for k in shapes):
+            family = "sdxl" if any(k.startswith("conditioner.embedders.1") for k in shapes) else "sd"
+            lcm = "model.diffusion_model.time_embedding.cond_proj.weight" in shapes
+            return {"path": str(p), "kind": "single-file checkpoint", "family": family, "full_lcm": lcm,
+                    "tensors": len(shapes)}  # fmt: skip
+        return {"path": str(p), "kind": "safetensors file", "tensors": len(shapes)}
+    if (p / "pytorch_lora_weights.safetensors").is_file():
+        return describe(p / "pytorch_lora_weights.safetensors") | {"folder": str(p)}
+    if (p / "model_index.json").is_file():
+        index = json.loads((p / "model_index.json").read_text())
+        unet = json.loads((p / "unet" / "config.json").read_text()) if (p / "unet" / "config.json").is_file() else {}
+        sched = p / "scheduler" / "scheduler_config.json"
+        sched_cfg = json.loads(sched.read_text()) if sched.is_file() else {}
+        return {
+            "path": str(p), "kind": "pipeline", "class": index.get("_class_name"),
+            "family": "sdxl" if "text_encoder_2" in index else "sd",
+            "full_lcm": unet.get("time_cond_proj_dim") is not None, "scheduler": sched_cfg.get("_class_name"),
+            "prediction_type": sched_cfg.get("prediction_type", "epsilon"),
+        }  # fmt: skip
+    if (p / "config.json").is_file():
+        cfg = json.loads((p / "config.json").read_text())
+        if cfg.get("_class_name") == "UNet2DConditionModel":
+            return {"path": str(p), "kind": "UNet", "full_lcm": cfg.get("time_cond_proj_dim") is not None,
+                    "time_cond_proj_dim": cfg.get("time_cond_proj_dim"),
+                    "family": "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd"}  # fmt: skip
+        return {"path": str(p), "kind": cfg.get("_class_name", "model folder")}
+    if (p / "state.json").is_file() and (p / "state.safetensors").is_file():
+        record = json.loads((p / "state.json").read_text())
+        return {"path": str(p), "kind": "lcmkit checkpoint", "step": record.get("step"), **record.get("meta", {})}
+    if (p / "lcmkit_run.json").is_file() or (p / "checkpoints" / "latest").is_file():
+        run = json.loads((p / "lcmkit_run.json").read_text()) if (p / "lcmkit_run.json").is_file() else {}
+        latest = p / "checkpoints" / "latest"
+        return {"path": str(p), "kind": "lcmkit run" if run else "unfinished lcmkit run", "mode": run.get("mode"),
+                "family": run.get("family"), "steps": run.get("steps"),
+                "latest_checkpoint": latest.read_text().strip() if latest.is_file() else None}  # fmt: skip
+    raise ConfigError(f"{path}: not a LoRA, pipeline, UNet, single-file checkpoint, lcmkit run or checkpoint")
