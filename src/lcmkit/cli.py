@@ -137,6 +137,20 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_distill(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .bench import bench_distill, machine, table
+
+    rows = bench_distill(args.teacher, args.data, args.modes, args.steps, args.batch_size, args.resolution,
+                         args.lora_rank, teacher_config=args.teacher_config)  # fmt: skip
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "distill": rows}, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcmkit", description="Latent Consistency Distillation for SD / SDXL")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
@@ -188,6 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_info)
+
+    b = sub.add_parser("bench", help="measure distillation throughput and memory").add_subparsers(
+        dest="bench_command", required=True
+    )
+    bd = b.add_parser("distill", help="s/step, samples/s and peak RSS per mode, each in its own process")
+    bd.add_argument("--teacher", required=True)
+    bd.add_argument("--teacher-config")
+    bd.add_argument("--data", required=True)
+    bd.add_argument("--modes", nargs="+", choices=["lora", "full"], default=["lora", "full"])
+    bd.add_argument("--steps", type=int, default=20)
+    bd.add_argument("--batch-size", type=int, default=4)
+    bd.add_argument("--resolution", type=int, default=512)
+    bd.add_argument("--lora-rank", type=int, default=64)
+    bd.add_argument("--json", help="also write the results (with machine info) to this file")
+    bd.set_defaults(func=_bench_distill)
 
     d = sub.add_parser("demo", help="distill the shipped toy teacher and compare it with its teacher, offline")
     d.add_argument("--out", default=None, help="output folder (default runs/demo)")
