@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -93,3 +94,61 @@ def test_folder_without_shards_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="no .tar shard"):
         expand_shards(str(tmp_path / "empty"))
     assert Path(tmp_path / "empty").is_dir()
+
+
+def make_folder(root: Path, captions: str = "txt") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(6):
+        name = f"img{i}.png" if i % 2 else f"sub/img{i}.jpg"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (80 + 8 * i, 72), (40 * i, 100, 200)).save(root / name)
+        if captions == "txt" and i != 5:  # img5 has no caption
+            (root / name).with_suffix(".txt").write_text(f"picture {i}\n")
+        rows.append({"file_name": name, "text": f"picture {i}"})
+    if captions == "jsonl":
+        (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if captions == "csv":
+        (root / "metadata.csv").write_text(
+            "file_name,caption\n" + "".join(f"{r['file_name']},{r['text']}\n" for r in rows)
+        )
+    return root
+
+
+@pytest.mark.parametrize("captions", ["txt", "jsonl", "csv"])
+def test_image_folder_source(tmp_path, captions):
+    from lcmkit.data import resolve_data
+
+    root = make_folder(tmp_path / "f", captions)
+    urls, caps = resolve_data(f"folder:{root}")
+    assert len(urls) == 6
+    ds = ShardDataset(urls, ImageTransform(64), captions=caps, max_epochs=1)
+    items = list(ds)
+    expected = 5 if captions == "txt" else 6
+    assert len(items) == expected and all(it["caption"].startswith("picture") for it in items)
+    if captions == "txt":
+        assert ds.skipped == {"missing caption": 1}
+    r0 = [it["caption"] for it in ShardDataset(urls, ImageTransform(64), captions=caps, max_epochs=1, world_size=2)]
+    r1 = [it["caption"] for it in ShardDataset(urls, ImageTransform(64), captions=caps, max_epochs=1, rank=1,
+                                                world_size=2)]  # fmt: skip
+    assert sorted(r0 + r1) == sorted(it["caption"] for it in items)
+
+
+def test_folder_errors(tmp_path):
+    from lcmkit.data import resolve_data
+
+    with pytest.raises(ConfigError, match="not a folder"):
+        resolve_data(f"folder:{tmp_path / 'missing'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no image"):
+        resolve_data(f"folder:{tmp_path / 'empty'}")
+
+
+def test_distill_from_an_image_folder(tiny_sd, tmp_path):
+    from lcmkit.cli import main
+
+    root = make_folder(tmp_path / "f", "jsonl")
+    out = tmp_path / "out"
+    args = ["distill", "--teacher", tiny_sd, "--data", f"folder:{root}", "--out", str(out), "--max-steps", "2",
+            "--batch-size", "2", "--resolution", "64", "--lora-rank", "2", "--no-progress"]  # fmt: skip
+    assert main(args) == 0 and (out / "pytorch_lora_weights.safetensors").is_file()

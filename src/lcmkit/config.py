@@ -84,7 +84,8 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     data: str = ""
-    """WebDataset shards: local paths with brace ranges or globs, pipe:, http(s)://, optionally wds: prefix."""
+    """WebDataset shards (brace ranges, globs, a folder of .tar, pipe:, http(s)://, optional wds: prefix), or
+    folder:PATH, an image folder with a .txt caption beside each image or metadata.jsonl / metadata.csv."""
     resolution: int = 512
     center_crop: bool = True
     random_flip: bool = False

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, DistillConfig, validate
-from .data import ImageTransform, ShardDataset, expand_shards, make_dataloader
+from .data import ImageTransform, ShardDataset, make_dataloader, resolve_data
 from .lcd import LCDSettings, lcd_loss
 from .models import LCDModels, Teacher, build_lcd_models, load_teacher, save_full_lcm, save_lora
 from .sample import generate, image_grid, lcm_pipeline
@@ -160,7 +160,7 @@ def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ConfigError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes (CUDA)") from None
-    urls = expand_shards(cfg.data.data)
+    urls, captions = resolve_data(cfg.data.data)
     out = prepare_out_dir(cfg)
     t_start = time.perf_counter()
     teacher = load_teacher(cfg.model)
@@ -173,13 +173,13 @@ def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
         log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
         project_dir=str(out / "logs"),
     ) as accelerator:
-        return _run(cfg, teacher, urls, out, accelerator, command, t_start)
+        return _run(cfg, teacher, (urls, captions), out, accelerator, command, t_start)
 
 
 def _run(
     cfg: DistillConfig,
     teacher: Teacher,
-    urls: list[str],
+    data: tuple[list[str], dict[str, str] | None],
     out: Path,
     accelerator: Any,
     command: str,
@@ -212,10 +212,11 @@ def _run(
     )  # fmt: skip
     student_wrapped, optimizer = accelerator.prepare(models.student_unet, optimizer)
 
+    urls, captions = data
     dataset = ShardDataset(
         urls, ImageTransform(cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip),
         seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, captions=captions,
     )  # fmt: skip
     dataloader = make_dataloader(dataset, cfg.train.batch_size, cfg.data.num_workers)
 

@@ -36,6 +36,15 @@ class DataError(RuntimeError):
     """The data source cannot give a single usable sample."""
 
 
+def resolve_data(spec: str) -> tuple[list[str], dict[str, str] | None]:
+    """--data -> (items, captions): 'folder:PATH' is an image folder (captions per image), anything else shards."""
+    if spec.strip().startswith("folder:"):
+        from .folder import scan_folder
+
+        return scan_folder(spec.strip()[len("folder:") :])
+    return expand_shards(spec), None
+
+
 def expand_shards(spec: str) -> list[str]:
     """A spec ('wds:' optional; '::' separates several) -> shard URLs. Local ones must exist."""
     spec = spec.strip()
@@ -101,8 +110,11 @@ class ShardDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         max_epochs: int | None = None,
+        captions: dict[str, str] | None = None,
     ):
+        """`captions` given: `urls` are image files of a folder (see folder.py), each one sample."""
         self.urls = urls
+        self.captions = captions
         self.transform = transform
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
@@ -123,6 +135,10 @@ class ShardDataset(IterableDataset):
     def _raw_samples(self, epoch: int, unit: int, units: int) -> Iterator[dict[str, Any]]:
         order = list(self.urls)
         random.Random(f"{self.seed}:{epoch}:shards").shuffle(order)
+        if self.captions is not None:
+            for path in order[unit::units]:
+                yield self._file_sample(path)
+            return
         by_shard = len(order) >= units
         shards = order[unit::units] if by_shard else order
         index = 0
@@ -131,6 +147,16 @@ class ShardDataset(IterableDataset):
                 index += 1
                 if by_shard or (index - 1) % units == unit:
                     yield sample
+
+    def _file_sample(self, path: str) -> dict[str, Any]:
+        sample: dict[str, Any] = {"__key__": path, "__url__": path}
+        try:
+            sample[Path(path).suffix.lower().lstrip(".")] = Path(path).read_bytes()
+        except OSError as e:
+            self._skip("unreadable file", f"{path} ({e})")
+        if path in self.captions:
+            sample["txt"] = self.captions[path].encode("utf-8")
+        return sample
 
     def _decode(self, sample: dict[str, Any], epoch: int) -> dict[str, Any] | None:
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
