@@ -33,27 +33,31 @@ def lcm_pipeline(teacher: Teacher, unet: torch.nn.Module, num_ddim_timesteps: in
 
 
 @torch.no_grad()
-def generate(
-    pipe: Any,
-    prompts: list[str],
-    steps: int,
-    guidance_scale: float,
-    seed: int,
-    size: int,
-    batch_size: int = 16,
+def run_batched(
+    pipe: Any, prompts: list[str], seed: int, batch_size: int, progress: bool = False, **kwargs: Any
 ) -> list[Image.Image]:
-    """One image per prompt; image i uses its own generator seeded seed + i, so an image does not depend
-    on the batch it was made in."""
+    """Image i gets its own generator seeded seed + i, so an image does not depend on its batch."""
+    from tqdm.auto import tqdm
+
     images: list[Image.Image] = []
-    for start in range(0, len(prompts), batch_size):
+    negative = kwargs.pop("negative_prompt", None)
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
         chunk = prompts[start : start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
-        out = pipe(
-            chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
-            height=size, width=size, output_type="pil",
-        )  # fmt: skip
-        images += out.images
+        if negative:
+            kwargs["negative_prompt"] = [negative] * len(chunk)
+        images += pipe(chunk, generator=generators, output_type="pil", **kwargs).images
     return images
+
+
+def generate(
+    pipe: Any, prompts: list[str], steps: int, guidance_scale: float, seed: int, size: int, batch_size: int = 16
+) -> list[Image.Image]:
+    """Square images of `size` at `steps` steps (validation grids, the demo)."""
+    return run_batched(
+        pipe, prompts, seed, batch_size, num_inference_steps=steps, guidance_scale=guidance_scale, height=size,
+        width=size,
+    )  # fmt: skip
 
 
 def image_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str]) -> Image.Image:
@@ -249,7 +253,6 @@ class FewStepGenerator:
         progress: bool = False,
     ) -> list[Image.Image]:
         """Image i uses a generator seeded seed + i: the same seed gives the same image in any batch."""
-        from tqdm.auto import tqdm
 
         from .config import ConfigError
 
@@ -265,7 +268,7 @@ class FewStepGenerator:
         if negative_prompt and self.full:
             raise ConfigError("a full LCM takes no negative prompt (guidance is its input); drop --negative-prompt")
         pipe = self.pipe
-        kwargs: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "pil"}
+        kwargs: dict[str, Any] = {"num_inference_steps": steps, "guidance_scale": guidance}
         if negative_prompt:
             kwargs["negative_prompt"] = negative_prompt
         if self.scheduler_name == "tcd":
@@ -280,15 +283,7 @@ class FewStepGenerator:
             kwargs.update(image=init_image.convert("RGB"), strength=strength)
         else:
             kwargs.update(width=width, height=height)
-        images: list[Image.Image] = []
-        batches = range(0, len(prompts), batch_size)
-        for start in tqdm(batches, desc="generating", disable=not progress):
-            chunk = prompts[start : start + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
-            if negative_prompt:
-                kwargs["negative_prompt"] = [negative_prompt] * len(chunk)
-            images += pipe(chunk, generator=generators, **kwargs).images
-        return images
+        return run_batched(pipe, prompts, seed, batch_size, progress, **kwargs)
 
 
 def png_parameters(prompt: str, seed: int, info: dict[str, Any]) -> Any:
