@@ -55,12 +55,10 @@ def prepare_out_dir(cfg: DistillConfig) -> Path:
         raise ConfigError(f"--out {out} is a pipeline folder (the teacher?): choose a new folder")
     finished = (out / RUN_RECORD).is_file()
     has_checkpoint = (out / CHECKPOINT_DIR / "latest").is_file()
-    if cfg.train.overwrite:
-        pass
-    elif finished and not cfg.train.resume:
+    if finished and not (cfg.train.resume or cfg.train.overwrite):
         raise ConfigError(f"--out {out} already holds a finished run: pass --overwrite to replace it, "
                           "--resume latest to continue it, or choose another folder")  # fmt: skip
-    elif has_checkpoint and not cfg.train.resume:
+    if has_checkpoint and not (cfg.train.resume or cfg.train.overwrite or finished):
         raise ConfigError(f"--out {out} holds an unfinished run: pass --resume latest to continue it "
                           "or --overwrite to start over")  # fmt: skip
     if cfg.train.resume and cfg.train.resume != "latest":
@@ -233,7 +231,7 @@ def _run(
     vae, scaling = teacher.vae, teacher.vae_scaling_factor
     size = (cfg.data.resolution, cfg.data.resolution)
 
-    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
             pixels = batch["pixel_values"].to(device, vae.dtype)
             z0 = vae.encode(pixels).latent_dist.sample(generator) * scaling

@@ -20,12 +20,11 @@ from .sample import lora_file
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 
 
-def _adapter_alpha_rank(meta: dict[str, str] | None) -> tuple[float | None, int | None]:
-    """(lora_alpha, r) from the peft config diffusers stores in the file's metadata, if any."""
+def _adapter_alpha(meta: dict[str, str] | None) -> float | None:
+    """lora_alpha from the peft config diffusers stores in the file's metadata, if any."""
     if not meta or "lora_adapter_metadata" not in meta:
-        return None, None
-    cfg = json.loads(meta["lora_adapter_metadata"])
-    return cfg.get("unet.lora_alpha"), cfg.get("unet.r")
+        return None
+    return json.loads(meta["lora_adapter_metadata"]).get("unet.lora_alpha")
 
 
 def diffusers_to_kohya(state: dict[str, torch.Tensor], alpha: float | None = None) -> dict[str, torch.Tensor]:
@@ -56,7 +55,7 @@ def export_kohya(lora: str | Path, out: str | Path) -> Path:
     src = lora_file(lora)
     with safe_open(str(src), "pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
-        alpha, _ = _adapter_alpha_rank(f.metadata())
+        alpha = _adapter_alpha(f.metadata())
     dst = Path(out)
     if dst.suffix != ".safetensors":
         dst = dst / "lcm_lora_kohya.safetensors"

@@ -153,7 +153,7 @@ def lcd_loss(
     schedule: NoiseSchedule,
     settings: LCDSettings,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """One LCD example batch, Algorithm 1 of the LCM paper. z0 are clean latents (already scaled)."""
     z0 = z0.float()
     batch, device = z0.shape[0], z0.device
@@ -195,4 +195,5 @@ def lcd_loss(
         loss = torch.nn.functional.mse_loss(f_student, f_target)
     else:
         loss = pseudo_huber(f_student, f_target, settings.huber_c).mean()
-    return loss, {"w_mean": float(w.mean()), "t_mean": float(t_n_plus_k.float().mean())}
+    # Detached tensors: the trainer converts them only on logging steps (no device sync every step).
+    return loss, {"w_mean": w.mean(), "t_mean": t_n_plus_k.float().mean()}

@@ -242,7 +242,7 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         lr_scheduler: Any,
         dataloader: Any,
-        loss_fn: Callable[[Any], tuple[torch.Tensor, dict[str, float]]],
+        loss_fn: Callable[[Any], tuple[torch.Tensor, dict[str, Any]]],
         state: dict[str, Stateful],
         on_step_end: Callable[[], None] | None = None,
         callback: Callable[[int], None] | None = None,
@@ -314,7 +314,7 @@ class Trainer:
         while self.step < s.max_steps:
             t0 = time.perf_counter()
             total_loss = torch.zeros((), device=acc.device)
-            logs: dict[str, float] = {}
+            logs: dict[str, Any] = {}
             for micro in range(accum):
                 batch = next(batches)
                 sync = acc.no_sync(self.model) if micro < accum - 1 else nullcontext()
@@ -336,7 +336,9 @@ class Trainer:
                 loss_value = float(acc.reduce(total_loss, "mean"))
                 lr = self.lr_scheduler.get_last_lr()[0]
                 rate = samples_per_step / statistics.median(step_times[-20:])
-                self._log({"loss": loss_value, "lr": lr, "samples_per_s": rate, **logs})
+                self._log(
+                    {"loss": loss_value, "lr": lr, "samples_per_s": rate, **{k: float(v) for k, v in logs.items()}}
+                )
                 bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2g}", samples_s=f"{rate:.1f}")
             bar.update(1)
             if s.checkpoint_every and self.step % s.checkpoint_every == 0:
