@@ -41,18 +41,19 @@ class TeacherRecipe:
     out: str
     vae: str
     """Folder of the trained toy VAE (save_pretrained)."""
-    steps: int = 30000
+    steps: int = 15000
     batch_size: int = 64
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     warmup_steps: int = 500
     ema_decay: float = 0.999
     cond_dropout: float = 0.1
     num_train_images: int = 20000
     seed: int = 0
     checkpoint_every: int = 200
-    eval_every: int = 2000
+    eval_every: int = 1000
     eval_images: int = 200
-    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_channels: tuple[int, ...] = (32, 64, 128)
+    """4.2M parameters: 0.86 s/step at batch 64 on 2 CPU threads, half the cost of (64, 128, 128)."""
     layers_per_block: int = 1
     text_hidden: int = 128
     text_layers: int = 3
