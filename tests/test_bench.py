@@ -1,4 +1,5 @@
-"""`lcmkit bench distill` runs each mode in its own process and reports measured numbers."""
+"""`lcmkit bench distill` runs each mode (from raw data and from a cache) in its own process and reports
+measured numbers."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ from lcmkit.cli import main
 def test_bench_distill_reports_both_modes(tiny_sd, shards, tmp_path, capsys):
     out = tmp_path / "bench.json"
     args = ["bench", "distill", "--teacher", tiny_sd, "--data", shards, "--steps", "3", "--batch-size", "2",
-            "--resolution", "64", "--lora-rank", "4", "--json", str(out)]  # fmt: skip
+            "--resolution", "64", "--lora-rank", "4", "--cache", "--json", str(out)]  # fmt: skip
     assert main(args) == 0
-    assert "| lora | 2 | 64 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| lora | raw | 2 | 64 |" in printed and "| full | cache | 2 | 64 |" in printed
     record = json.loads(out.read_text())
-    assert [r["mode"] for r in record["distill"]] == ["lora", "full"]
+    assert [(r["mode"], r["data"]) for r in record["distill"]] == [
+        ("lora", "raw"), ("lora", "cache"), ("full", "raw"), ("full", "cache")
+    ]  # fmt: skip
+    assert record["distill"][1]["cache_build_s"] > 0
     for row in record["distill"]:
         assert row["median_s_per_step"] > 0 and row["samples_per_s"] > 0 and row["peak_rss_mb"] > 100
     assert record["machine"]["cpus"] >= 1

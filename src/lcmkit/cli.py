@@ -8,7 +8,7 @@ import shlex
 import sys
 from collections.abc import Callable
 
-from .config import ConfigError, add_flags, load_config
+from .config import ConfigError, add_flags, load_config, validate
 
 EXIT_USAGE = 2
 
@@ -23,6 +23,43 @@ def _distill(args: argparse.Namespace) -> int:
     rate = f", {t.median_s_per_step:.3f} s/step" if t.median_s_per_step else ""
     print(f"lcmkit: {result.mode} {result.family} distillation finished: {t.steps} steps{rate}, "
           f"peak RSS {result.peak_rss_mb:.0f} MB -> {result.out}")  # fmt: skip
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .data import ImageTransform, resolve_data
+    from .data.cache import build_cache
+    from .models import load_teacher
+    from .sample import pick_device
+
+    own = ("config", "command", "func", "verbose", "out", "batch_size", "shard_size", "dtype", "device", "overwrite",
+           "no_progress")  # fmt: skip
+    cfg = load_config(args.config, {k: v for k, v in vars(args).items() if k not in own})
+    cfg.train.out = args.out
+    validate(cfg)
+    for name in ("batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    d = cfg.data
+    source = resolve_data(d.data, d.image_column, d.caption_column)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "cache.json").exists() and not any(out.glob("cache*.json")):
+        raise ConfigError(f"--out {out} is a non-empty folder that is not a cache: choose a new folder")
+    teacher = load_teacher(cfg.model)
+    transform = ImageTransform(d.resolution, d.center_crop, d.random_flip, d.min_size, d.max_aspect)
+    index = build_cache(
+        teacher, source, transform, out, d.data, args.batch_size, args.shard_size, args.dtype, args.overwrite,
+        progress=not args.no_progress, device=pick_device(args.device),
+    )  # fmt: skip
+    from .data import summarize_skips
+
+    print(f"lcmkit: cached {index['num_samples']} samples in {len(index['shards'])} shard(s) "
+          f"({summarize_skips(index['skipped'])}) in {index['seconds']:.0f} s -> {out}; "
+          f"train with --data cache:{out}")  # fmt: skip
     return 0
 
 
@@ -144,7 +181,7 @@ def _bench_distill(args: argparse.Namespace) -> int:
     from .bench import bench_distill, machine, table
 
     rows = bench_distill(args.teacher, args.data, args.modes, args.steps, args.batch_size, args.resolution,
-                         args.lora_rank, teacher_config=args.teacher_config)  # fmt: skip
+                         args.lora_rank, teacher_config=args.teacher_config, cache=args.cache)  # fmt: skip
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "distill": rows}, indent=2) + "\n")
@@ -159,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Options come from --config (TOML) and flags; flags win.")  # fmt: skip
     add_flags(p)
     p.set_defaults(func=_distill)
+
+    c = sub.add_parser("cache", help="encode a data source once (VAE latents + text embeddings) for fast steps",
+                       description="Model and data options as for distill (same --config works); the result is "
+                       "used with --data cache:OUT.")  # fmt: skip
+    add_flags(c, sections=("model", "data"))
+    c.add_argument("--out", required=True, help="cache folder")
+    c.add_argument("--batch-size", type=int, default=16, help="images encoded at once")
+    c.add_argument("--shard-size", type=int, default=1024, help="samples per cache shard")
+    c.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], default="fp16", help="storage precision")
+    c.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    c.add_argument("--overwrite", action="store_true", help="rebuild a finished cache")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=_cache)
 
     g = sub.add_parser("generate", help="few-step images from base + LCM-LoRA (+ style LoRAs) or a full LCM")
     g.add_argument("--base", help="base model: hub id, diffusers folder or .safetensors file")
@@ -215,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--batch-size", type=int, default=4)
     bd.add_argument("--resolution", type=int, default=512)
     bd.add_argument("--lora-rank", type=int, default=64)
+    bd.add_argument("--cache", action="store_true", help="also run each mode from an lcmkit cache of --data")
     bd.add_argument("--json", help="also write the results (with machine info) to this file")
     bd.set_defaults(func=_bench_distill)
 
@@ -280,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         print("lcmkit: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # data errors raised inside the run
-        from .data.webdataset import DataError
+        from .data import DataError
 
         if isinstance(e, DataError):
             print(f"lcmkit: error: {e}", file=sys.stderr)

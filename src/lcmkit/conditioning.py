@@ -40,6 +40,16 @@ class Conditioning:
 
         return Conditioning(move(self.hidden_states), move(self.pooled), move(self.time_ids))
 
+    def where(self, mask: Tensor, other: Conditioning) -> Conditioning:
+        """Rows where `mask` is true come from `other` (caption dropout: the unconditional branch)."""
+
+        def pick(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+            return None if a is None else torch.where(mask.view(-1, *[1] * (a.dim() - 1)).to(a.device), b, a)
+
+        return Conditioning(
+            pick(self.hidden_states, other.hidden_states), pick(self.pooled, other.pooled), self.time_ids
+        )
+
     def unet_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"encoder_hidden_states": self.hidden_states}
         if self.pooled is not None:
@@ -96,6 +106,15 @@ class TextConditioner:
             crops_top_left = torch.zeros_like(original_sizes)
         time_ids = sdxl_time_ids(original_sizes, crops_top_left, target_size).to(self.device)
         return Conditioning(torch.cat(hidden, dim=-1), pooled, time_ids)
+
+    def from_cache(self, batch: dict[str, Any], target_size: tuple[int, int]) -> Conditioning:
+        """The conditioning of a batch read from an lcmkit cache (same values encode() gives)."""
+        dtype = self.text_encoders[0].dtype
+        hidden = batch["hidden_states"].to(self.device, dtype)
+        if self.family == "sd":
+            return Conditioning(hidden)
+        time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], target_size).to(self.device)
+        return Conditioning(hidden, batch["pooled"].to(self.device, dtype), time_ids)
 
     def unconditional(self, cond: Conditioning, mode: str = "empty") -> Conditioning:
         """The uncond counterpart of `cond`: the empty prompt's embedding, or zeros (reference scripts).

@@ -84,11 +84,22 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     data: str = ""
-    """WebDataset shards (brace ranges, globs, a folder of .tar, pipe:, http(s)://, optional wds: prefix), or
-    folder:PATH, an image folder with a .txt caption beside each image or metadata.jsonl / metadata.csv."""
+    """wds:SHARDS (brace ranges, globs, a folder of .tar, pipe:, http(s)://), folder:PATH (an image folder with
+    a .txt caption beside each image or metadata.jsonl / metadata.csv), hf:PATH (a datasets save_to_disk folder
+    or parquet files) or cache:PATH (made by lcmkit cache). Without a prefix the kind is recognised."""
     resolution: int = 512
     center_crop: bool = True
     random_flip: bool = False
+    min_size: int = 0
+    """Skip images whose shorter side is below this many pixels (0: keep all)."""
+    max_aspect: float = 0.0
+    """Skip images whose long/short side ratio is above this (0: keep all)."""
+    caption_dropout: float = 0.0
+    """Probability of training a sample with the unconditional (empty) prompt instead of its caption."""
+    image_column: str = ""
+    """hf: the image column (found by name or type when empty)."""
+    caption_column: str = ""
+    """hf: the caption column (found by name or type when empty)."""
     num_workers: int = 0
     shuffle_buffer: int = 1000
 
@@ -161,12 +172,15 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per option; defaults are None so that unset flags do not override the file."""
+def add_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = SECTIONS) -> None:
+    """One flag per option of `sections`; defaults are None so that unset flags do not override the file."""
     parser.add_argument("--config", help="TOML file with options (flags override it)")
-    parser.add_argument("--mode", choices=["full", "lora"], default=None)
+    if sections == SECTIONS:
+        parser.add_argument("--mode", choices=["full", "lora"], default=None)
     owner = _section_fields()
     for name, tp in _field_types().items():
+        if owner[name] not in sections:
+            continue
         base, is_list = _base_type(tp)
         flag = "--" + name.replace("_", "-")
         group = f"[{owner[name]}]"
@@ -284,6 +298,12 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ConfigError(f"--resolution {cfg.data.resolution}: must be a positive multiple of 8")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"--num-workers {cfg.data.num_workers}: must be >= 0")
+    if cfg.data.min_size < 0:
+        raise ConfigError(f"--min-size {cfg.data.min_size}: must be >= 0")
+    if cfg.data.max_aspect and cfg.data.max_aspect < 1:
+        raise ConfigError(f"--max-aspect {cfg.data.max_aspect}: must be >= 1 (long side / short side), or 0 for off")
+    if not 0 <= cfg.data.caption_dropout < 1:
+        raise ConfigError(f"--caption-dropout {cfg.data.caption_dropout}: must be in [0, 1)")
     if cfg.optim.learning_rate <= 0:
         raise ConfigError(f"--learning-rate {cfg.optim.learning_rate}: must be > 0")
     if cfg.optim.lr_scheduler not in LR_SCHEDULERS:

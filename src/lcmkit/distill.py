@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, DistillConfig, validate
-from .data import ImageTransform, ShardDataset, make_dataloader, resolve_data
+from .data import ImageTransform, SampleStream, SkipTally, Source, make_dataloader, resolve_data, summarize_skips
 from .lcd import LCDSettings, lcd_loss
 from .models import LCDModels, Teacher, build_lcd_models, load_teacher, save_full_lcm, save_lora
 from .sample import generate, image_grid, lcm_pipeline
@@ -158,10 +158,11 @@ def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ConfigError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes (CUDA)") from None
-    urls, captions = resolve_data(cfg.data.data)
+    source = resolve_data(cfg.data.data, cfg.data.image_column, cfg.data.caption_column)
     out = prepare_out_dir(cfg)
     t_start = time.perf_counter()
     teacher = load_teacher(cfg.model)
+    check_cache(source, teacher, cfg.data.resolution)
     if cfg.train.overwrite:  # only once the teacher loaded: a typo must not cost the previous run
         clear_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,13 +172,21 @@ def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
         log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
         project_dir=str(out / "logs"),
     ) as accelerator:
-        return _run(cfg, teacher, (urls, captions), out, accelerator, command, t_start)
+        return _run(cfg, teacher, source, out, accelerator, command, t_start)
+
+
+def check_cache(source: Source, teacher: Teacher, resolution: int) -> None:
+    """A cache must come from this teacher's VAE and text encoder(s), at this resolution."""
+    from .data.cache import CacheSource, encoder_fingerprint
+
+    if isinstance(source, CacheSource):
+        source.check_matches(teacher.family, encoder_fingerprint(teacher.vae, teacher.text_encoders), resolution)
 
 
 def _run(
     cfg: DistillConfig,
     teacher: Teacher,
-    data: tuple[list[str], dict[str, str] | None],
+    source: Source,
     out: Path,
     accelerator: Any,
     command: str,
@@ -210,11 +219,11 @@ def _run(
     )  # fmt: skip
     student_wrapped, optimizer = accelerator.prepare(models.student_unet, optimizer)
 
-    urls, captions = data
-    dataset = ShardDataset(
-        urls, ImageTransform(cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip),
-        seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-        rank=accelerator.process_index, world_size=accelerator.num_processes, captions=captions,
+    d = cfg.data
+    dataset = SampleStream(
+        source, ImageTransform(d.resolution, d.center_crop, d.random_flip, d.min_size, d.max_aspect),
+        seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, caption_dropout=d.caption_dropout,
     )  # fmt: skip
     dataloader = make_dataloader(dataset, cfg.train.batch_size, cfg.data.num_workers)
 
@@ -231,12 +240,24 @@ def _run(
     vae, scaling = teacher.vae, teacher.vae_scaling_factor
     size = (cfg.data.resolution, cfg.data.resolution)
 
+    skips = SkipTally()
+
     def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        skips.update(batch)
         with torch.no_grad():
-            pixels = batch["pixel_values"].to(device, vae.dtype)
-            z0 = vae.encode(pixels).latent_dist.sample(generator) * scaling
-            cond = conditioner.encode(batch["caption"], batch["original_size"], batch["crop_top_left"], size)
+            if "latent_mean" in batch:  # from a cache: draw the latent exactly as latent_dist.sample() does
+                mean = batch["latent_mean"].to(device, vae.dtype)
+                std = batch["latent_std"].to(device, vae.dtype)
+                eps = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+                z0 = (mean + std * eps) * scaling
+                cond = conditioner.from_cache(batch, size)
+            else:
+                pixels = batch["pixel_values"].to(device, vae.dtype)
+                z0 = vae.encode(pixels).latent_dist.sample(generator) * scaling
+                cond = conditioner.encode(batch["caption"], batch["original_size"], batch["crop_top_left"], size)
             uncond = conditioner.unconditional(cond, uncond_mode)
+            if batch["drop_caption"].any():
+                cond = cond.where(batch["drop_caption"], uncond)
         return lcd_loss(z0, cond, uncond, student_fn, models.teacher, models.target, schedule, settings, generator)
 
     validator = Validator(cfg, teacher, models, out, accelerator) if cfg.train.validation_prompts else None
@@ -264,6 +285,9 @@ def _run(
         if not resumed:
             log.warning("--resume latest: no checkpoint in %s yet, starting from step 0", out)
     result = trainer.run()
+    skipped = _gather_skips(skips.totals(), accelerator)
+    if skipped:
+        log.warning("data: %s", summarize_skips(skipped))
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -278,10 +302,23 @@ def _run(
             "samples_per_s": result.samples_per_s, "final_loss": result.final_loss,
             "wall_s": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(),
             "device": str(device), "num_processes": accelerator.num_processes,
+            "data": {"source": source.description, "skipped": skipped},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }  # fmt: skip
         (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return DistillResult(out, cfg.mode, teacher.family, result, peak_rss_mb())
+
+
+def _gather_skips(counts: dict[str, int], accelerator: Any) -> dict[str, int]:
+    if accelerator.num_processes == 1:
+        return counts
+    from accelerate.utils import gather_object
+
+    total: dict[str, int] = {}
+    for part in gather_object([counts]):
+        for reason, n in part.items():
+            total[reason] = total.get(reason, 0) + n
+    return total
 
 
 def _save_outputs(cfg: DistillConfig, teacher: Teacher, models: LCDModels, out: Path, accelerator: Any) -> None:

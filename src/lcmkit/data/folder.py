@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..config import ConfigError
+from .sources import Skip
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_FIELDS = ("text", "caption", "prompt")
@@ -37,7 +40,7 @@ def _metadata_captions(root: Path) -> dict[str, str]:
 
 def scan_folder(path: str) -> tuple[list[str], dict[str, str]]:
     """(image paths in a fixed order, caption per resolved image path). Images without caption stay listed:
-    the dataset skips and counts them."""
+    the stream skips and counts them."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ConfigError(f"--data folder:{path}: {root} is not a folder")
@@ -50,3 +53,22 @@ def scan_folder(path: str) -> tuple[list[str], dict[str, str]]:
         if image not in captions and side.is_file():
             captions[image] = side.read_text(errors="replace").strip()
     return images, captions
+
+
+class FolderSource:
+    """Each image file is one unit (and one sample)."""
+
+    def __init__(self, path: str):
+        self.images, self.captions = scan_folder(path)
+        self.description = f"folder:{path}"
+
+    def units(self) -> list[str]:
+        return list(self.images)
+
+    def read(self, unit: str, skip: Skip) -> Iterator[dict[str, Any]]:
+        try:
+            image: bytes | None = Path(unit).read_bytes()
+        except OSError as e:
+            skip("unreadable file", f"{unit} ({e})")
+            return
+        yield {"where": unit, "caption": self.captions.get(unit), "image": image}
