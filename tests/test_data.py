@@ -256,3 +256,14 @@ def test_hf_source_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_data(f"hf:{tmp_path / 'nothing'}")
     assert resolve_data(f"hf:{root}", caption_column="text").caption_column == "text"
+
+
+def test_a_shard_failing_mid_stream_is_reported_and_the_rest_is_read(tmp_path):
+    spec = make_shards(tmp_path / "s", n_shards=3, per_shard=4, size=64)
+    broken = tmp_path / "s" / "00001.tar"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # truncated mid-sample
+    ds = SampleStream(resolve_data(spec), ImageTransform(64), max_epochs=1)
+    items = list(ds)
+    assert 8 <= len(items) < 12  # both good shards, and what could be read of the broken one
+    assert ds.skipped.get("unreadable shard data", 0) >= 1
+
