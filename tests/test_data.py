@@ -266,4 +266,3 @@ def test_a_shard_failing_mid_stream_is_reported_and_the_rest_is_read(tmp_path):
     items = list(ds)
     assert 8 <= len(items) < 12  # both good shards, and what could be read of the broken one
     assert ds.skipped.get("unreadable shard data", 0) >= 1
-
