@@ -242,3 +242,35 @@ def test_bad_input_is_one_clear_line(tiny_sd, tiny_sd_lora, tmp_path, capsys, ex
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert not (tmp_path / "o" / "eval.json").exists()
+
+
+def test_fused_lora_pipeline_draws_what_the_adapter_draws(tiny_sd, tiny_sd_lora):
+    from lcmkit.sample import FewStepGenerator, distilled_pipeline, initial_noise, run_batched
+
+    prompts, noise = ["a red square"], initial_noise(1, (4, 8, 8), 0)
+    kw = dict(num_inference_steps=2, guidance_scale=1.0, height=64, width=64, latents=noise)
+
+    def draw(pipe) -> np.ndarray:
+        return np.asarray(run_batched(pipe, prompts, 0, 1, **kw)[0], dtype=int)
+
+    fused, name, w = distilled_pipeline(tiny_sd, tiny_sd_lora, None, None, "cpu", "fp32", guidance=7.5)
+    assert name == "LCM-LoRA" and w == 1.0
+    assert not any("lora" in n for n, _ in fused.unet.named_parameters())  # unloaded after fusing
+    adapter = draw(FewStepGenerator(base=tiny_sd, loras=[(tiny_sd_lora, 1.0)], device="cpu").pipe)
+    base = draw(FewStepGenerator(base=tiny_sd, device="cpu").pipe)
+    assert np.abs(draw(fused) - adapter).max() <= 2 and np.abs(base - adapter).max() > 5
+
+
+def test_quick_eval_of_a_full_lcm(tiny_sd, tmp_path):
+    from tiny_models import make_tiny_full_lcm
+
+    lcm = make_tiny_full_lcm(tiny_sd, tmp_path / "full")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square\n")
+    out = tmp_path / "eval"
+    args = ["eval", "--teacher", tiny_sd, "--lcm", str(lcm), "--prompts", str(prompts), "--quick", "--steps", "1",
+            "--guidance", "4", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    cols = strict_json(out / "eval.json")["columns"]
+    assert cols[0]["label"] == "LCM 1" and cols[0]["guidance"] == 4.0  # the teacher's w by default
+    assert cols[0]["psnr"] > 0 and Image.open(out / "grid.png").height >= 64

@@ -262,3 +262,15 @@ def make_tiny_lora(teacher: str | Path, out: str | Path, rank: int = 4) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     return save_lora(unet, "sd", out, cfg)
+
+
+def make_tiny_full_lcm(teacher: str | Path, out: str | Path) -> Path:
+    """A full-LCM output folder (unet/ + pipeline/) for a tiny teacher: the untrained, zero-initialised student
+    written by lcmkit's own writer."""
+    from lcmkit.config import ModelConfig
+    from lcmkit.models import load_teacher, make_full_student, save_full_lcm
+
+    loaded = load_teacher(ModelConfig(teacher=str(teacher)))
+    out = Path(out)
+    save_full_lcm(make_full_student(loaded.unet, 256), loaded, out, 50)
+    return out

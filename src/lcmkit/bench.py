@@ -224,20 +224,19 @@ def bench_generate(cfg: GenerateBench) -> dict[str, Any]:
 
     from .config import ModelConfig
     from .models import load_teacher
-    from .sample import FewStepGenerator, default_size, pick_device, pick_dtype, teacher_pipeline, teacher_scheduler
+    from .sample import default_size, distilled_pipeline, pick_device, pick_dtype, teacher_pipeline, teacher_scheduler
 
     cfg.check()
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     rows = []
     if cfg.lora or cfg.lcm:
-        gen = FewStepGenerator(None if cfg.lcm else cfg.teacher, [(cfg.lora, 1.0)] if cfg.lora else [], cfg.lcm,
-                               "lcm", device, cfg.dtype, cfg.teacher_config)  # fmt: skip
-        w = cfg.lcm_guidance if cfg.lcm_guidance is not None else (cfg.guidance if gen.full else 1.0)
-        size = cfg.resolution or default_size(gen.pipe)
-        row = bench_pipeline(gen.pipe, cfg.steps, w, cfg.batch, size, cfg.repeats, cfg.warmup, cfg.prompt)
-        rows.append({"model": "LCM" if cfg.lcm else "LCM-LoRA", "sampler": "lcm", **row})
-        del gen
+        lcm, name, w = distilled_pipeline(cfg.teacher, cfg.lora, cfg.lcm, cfg.teacher_config, device, cfg.dtype,
+                                          cfg.guidance, cfg.lcm_guidance)  # fmt: skip
+        size = cfg.resolution or default_size(lcm)
+        row = bench_pipeline(lcm, cfg.steps, w, cfg.batch, size, cfg.repeats, cfg.warmup, cfg.prompt)
+        rows.append({"model": name, "sampler": "lcm", **row})
+        del lcm
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -446,8 +446,9 @@ class EvalSettings:
             raise ConfigError("no prompts to evaluate")
         if min(self.steps, default=0) < 1:
             raise ConfigError(f"--steps {self.steps}: every step count must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size {self.batch_size}: must be >= 1")
+        for name in ("batch_size", "grid_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if self.size is not None and (self.size < 8 or self.size % 8):
             raise ConfigError(f"--resolution {self.size}: must be a multiple of 8")
 
@@ -460,19 +461,18 @@ def build_columns(settings: EvalSettings) -> list[Column]:
     same counts plus the reference counts. Loads every model once."""
     from .config import ModelConfig
     from .models import load_teacher
-    from .sample import FewStepGenerator, pick_device, pick_dtype, teacher_pipeline, teacher_scheduler
+    from .sample import distilled_pipeline, pick_device, pick_dtype, teacher_pipeline, teacher_scheduler
 
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     teacher = load_teacher(ModelConfig(teacher=settings.teacher, teacher_config=settings.teacher_config), dtype)
     columns: list[Column] = []
     if settings.lora or settings.lcm:
-        loras = [(settings.lora, 1.0)] if settings.lora else []
-        gen = FewStepGenerator(None if settings.lcm else settings.teacher, loras, settings.lcm, "lcm",
-                               device, settings.dtype, settings.teacher_config)  # fmt: skip
-        name = "LCM" if settings.lcm else "LCM-LoRA"
-        w = settings.lcm_guidance if settings.lcm_guidance is not None else (settings.guidance if gen.full else 1.0)
-        columns += [Column(f"{name} {n}", name, gen.pipe, n, w) for n in settings.steps]
+        s = settings
+        pipe, name, w = distilled_pipeline(
+            s.teacher, s.lora, s.lcm, s.teacher_config, device, s.dtype, s.guidance, s.lcm_guidance
+        )
+        columns += [Column(f"{name} {n}", name, pipe, n, w) for n in settings.steps]
     teacher_steps = sorted({*settings.steps, *settings.reference_steps})
     for sampler, group in (("ddim", "teacher DDIM"), ("dpm++", "teacher DPM++")):
         pipe = teacher_pipeline(teacher, teacher.unet, teacher_scheduler(teacher.scheduler.config, sampler))

@@ -330,6 +330,23 @@ class FewStepGenerator:
         return run_batched(pipe, prompts, seed, batch_size, progress, **kwargs)
 
 
+def distilled_pipeline(
+    teacher: str, lora: str | None, lcm: str | None, teacher_config: str | None, device: str, dtype: str,
+    guidance: float, lcm_guidance: float | None = None,
+) -> tuple[Any, str, float]:  # fmt: skip
+    """(LCMScheduler pipeline, "LCM-LoRA" or "LCM", its guidance) for evaluations and benchmarks.
+
+    An LCM-LoRA is fused into the teacher UNet and unloaded (a deployed model's speed) and runs at guidance 1;
+    a full LCM takes `guidance` as its w input. `lcm_guidance` overrides either."""
+    gen = FewStepGenerator(None if lcm else teacher, [(lora, 1.0)] if lora else [], lcm, "lcm", device, dtype,
+                           teacher_config)  # fmt: skip
+    if lora:
+        gen.pipe.fuse_lora()
+        gen.pipe.unload_lora_weights()
+    w = lcm_guidance if lcm_guidance is not None else (guidance if gen.full else 1.0)
+    return gen.pipe, "LCM" if gen.full else "LCM-LoRA", w
+
+
 def png_parameters(prompt: str, seed: int, info: dict[str, Any]) -> Any:
     """PNG text chunks: an AUTOMATIC1111-style 'parameters' line and the full JSON record."""
     import json

@@ -170,8 +170,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     base, lcm = load_pipelines(settings, teacher, run_dir)
     columns = columns_for(settings, base, lcm)
     prompts = toy_prompts(settings.n_eval, settings.seed)
-    noise = initial_noise(len(prompts), (4, IMAGE_SIZE // base.vae_scale_factor, IMAGE_SIZE // base.vae_scale_factor),
-                          settings.seed)  # fmt: skip
+    latent = IMAGE_SIZE // base.vae_scale_factor
+    noise = initial_noise(len(prompts), (base.unet.config.in_channels, latent, latent), settings.seed)
     sample_columns(columns, prompts, noise, settings.seed, 50, IMAGE_SIZE, settings.progress)
     for col in columns:
         col.metrics.update(toy_scores(col.images, prompts))
