@@ -249,7 +249,7 @@ def bench_generate(cfg: GenerateBench) -> dict[str, Any]:
     rows.append({"model": "teacher", "sampler": cfg.sampler, **row})
     for r in rows:
         r["speedup_vs_teacher"] = rows[-1]["s_per_image"] / r["s_per_image"]
-    config = {k: v for k, v in vars(cfg).items()}
+    config = dict(vars(cfg))
     config.update(device=device, dtype=str(dtype).removeprefix("torch."))
     return {"machine": machine(), "config": config, "generate": rows}
 

@@ -57,10 +57,6 @@ class DemoSettings:
         return cls(**{**base, **kw})
 
 
-def teacher_path(settings: DemoSettings) -> str:
-    return toy_teacher(settings.teacher)
-
-
 def toy_teacher(folder: str | None = None) -> str:
     """A toy-world teacher folder (default: the shipped one), checked."""
     path = Path(folder) if folder else TEACHER_DIR
@@ -158,7 +154,7 @@ def toy_scores(images: list[Image.Image], prompts: list[str], reference: Any = N
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
-    teacher = teacher_path(settings)
+    teacher = toy_teacher(settings.teacher)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
