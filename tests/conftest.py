@@ -40,3 +40,11 @@ def tiny_sdxl(tmp_path_factory) -> str:
 def shards(tmp_path_factory) -> str:
     """Brace spec of 2 shards x 8 samples (jpg + txt + json)."""
     return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_lora(tiny_sd, tmp_path_factory) -> str:
+    """A built (untrained) LCM-LoRA folder for tiny_sd."""
+    from tiny_models import make_tiny_lora
+
+    return str(make_tiny_lora(tiny_sd, tmp_path_factory.mktemp("tiny-sd-lora")).parent)

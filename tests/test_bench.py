@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from lcmkit.cli import main
 
 
@@ -30,3 +32,41 @@ def test_bench_reports_a_failed_run_in_one_line(tiny_sd, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "lora run failed" in err and "none.tar" in err
+
+
+def test_bench_generate_times_lcm_and_teacher(tiny_sd, tiny_sd_lora, tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    args = ["bench", "generate", "--teacher", tiny_sd, "--lora", tiny_sd_lora, "--steps", "2", "--teacher-steps", "3",
+            "--guidance", "5", "--resolution", "64", "--batch", "2", "--repeats", "3", "--warmup", "1",
+            "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| LCM-LoRA | lcm | 2 | 1 | 2 | 64 |" in printed and "| teacher | dpm++ | 3 | 5 | 2 | 64 |" in printed
+    assert "median of 3 after 1 warm-up" in printed
+    record = json.loads(out.read_text())
+    lcm, teacher = record["generate"]
+    assert lcm["unet_calls"] == 2 and teacher["unet_calls"] == 3  # one UNet call per step (CFG is one batch)
+    for row in (lcm, teacher):
+        assert len(row["end_to_end_s"]) == 3 and len(row["unet_s"]) == 3  # warm-up excluded
+        assert 0 < row["unet_s_per_image"] < row["s_per_image"]
+        assert row["images_per_s"] == pytest.approx(1 / row["s_per_image"])
+        assert row["memory"] == "peak RSS" and row["peak_memory_mb"] > 100
+    assert teacher["speedup_vs_teacher"] == 1.0
+    assert record["config"]["device"] == "cpu" and record["config"]["steps"] == 2
+    assert {"torch", "diffusers", "transformers", "cpus"} <= set(record["machine"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lora", "{lora}", "--lcm", "{lora}"], "either --lora or --lcm"),
+        (["--repeats", "0"], "--repeats 0"),
+        (["--steps", "0"], "--steps 0"),
+        (["--resolution", "60"], "--resolution 60"),
+    ],
+)
+def test_bench_generate_refuses_bad_input_in_one_line(tiny_sd, tiny_sd_lora, capsys, extra, message):
+    args = ["bench", "generate", "--teacher", tiny_sd, *(e.format(lora=tiny_sd_lora) for e in extra)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

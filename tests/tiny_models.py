@@ -242,3 +242,35 @@ def make_shards(
                 sample["json"] = json.dumps(meta).encode("utf-8")
                 sink.write(sample)
     return f"{out}/{{00000..{n_shards - 1:05d}}}.tar"
+
+
+def make_tiny_lora(teacher: str | Path, out: str | Path, rank: int = 4) -> Path:
+    """An LCM-LoRA-shaped adapter for a tiny teacher folder, built (not trained) in a blink: lcmkit's own
+    LoRA config and writer, with small random B weights so that the adapter changes the UNet."""
+    from diffusers import UNet2DConditionModel
+
+    from lcmkit.config import LoraConfig
+    from lcmkit.models import lora_config, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(Path(teacher) / "unet")
+    cfg = LoraConfig(lora_rank=rank)
+    unet.add_adapter(lora_config(cfg))
+    torch.manual_seed(0)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0.0, 0.02)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return save_lora(unet, "sd", out, cfg)
+
+
+def make_tiny_full_lcm(teacher: str | Path, out: str | Path) -> Path:
+    """A full-LCM output folder (unet/ + pipeline/) for a tiny teacher: the untrained, zero-initialised student
+    written by lcmkit's own writer."""
+    from lcmkit.config import ModelConfig
+    from lcmkit.models import load_teacher, make_full_student, save_full_lcm
+
+    loaded = load_teacher(ModelConfig(teacher=str(teacher)))
+    out = Path(out)
+    save_full_lcm(make_full_student(loaded.unet, 256), loaded, out, 50)
+    return out

@@ -1,5 +1,11 @@
-"""`lcmkit bench distill`: distillation throughput and peak memory, each configuration in its own process
-(so that peak RSS belongs to that configuration alone), side by side in one run."""
+"""`lcmkit bench`: speed and memory.
+
+distill: distillation throughput and peak memory, each configuration in its own process (so that peak RSS
+belongs to that configuration alone), side by side in one run.
+generate: latency per image and images/s of the distilled model at N steps against the teacher's sampler at
+M steps with guidance, end to end and UNet-only; CUDA events and GPU memory on CUDA, wall time and peak RSS
+on CPU; warm-up runs excluded, median of repeats.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +25,16 @@ from .config import ConfigError
 
 
 def machine() -> dict[str, Any]:
+    """Platform, CPU and GPU, and the versions of the libraries that decide the numbers."""
     import torch
 
-    info: dict[str, Any] = {
-        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-    }  # fmt: skip
+    from .distill import versions
+
+    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), **versions()}  # fmt: skip
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
     return info
 
 
@@ -72,11 +82,198 @@ def bench_distill(
     return rows
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| mode | data | batch | resolution | median s/step | samples/s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        lines.append(f"| {r['mode']} | {r.get('data', 'raw')} | {r['batch_size']} | {r['resolution']} "
-                     f"| {r['median_s_per_step']:.3f} "
-                     f"| {r['samples_per_s']:.1f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table from a header and rows of already formatted cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    header = ["mode", "data", "batch", "resolution", "median s/step", "samples/s", "peak RSS MB"]
+    cells = [[r["mode"], r.get("data", "raw"), str(r["batch_size"]), str(r["resolution"]),
+              f"{r['median_s_per_step']:.3f}", f"{r['samples_per_s']:.1f}", f"{r['peak_rss_mb']:.0f}"]
+             for r in rows]  # fmt: skip
+    return markdown(header, cells)
+
+
+# -- generation latency ------------------------------------------------------------------------------------
+
+
+def mark(cuda: bool) -> Any:
+    """A point in time: a recorded CUDA event on CUDA (GPU time, no sync), else perf_counter()."""
+    if not cuda:
+        return time.perf_counter()
+    import torch
+
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def elapsed(start: Any, end: Any) -> float:
+    """Seconds between two marks (waits for a CUDA end event)."""
+    if isinstance(start, float):
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1000.0
+
+
+def reset_peak_memory(cuda: bool) -> None:
+    """Start a new peak: CUDA's allocator peak, or on Linux the process's RSS high-water mark (clear_refs 5)."""
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: peak RSS stays the peak of the whole process
+
+
+def peak_memory_mb(cuda: bool) -> float:
+    """CUDA: max memory allocated since the reset; CPU: peak RSS (VmHWM) since the reset, else of the process."""
+    if cuda:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024.0
+    except (OSError, StopIteration):
+        from .distill import peak_rss_mb
+
+        return peak_rss_mb()
+
+
+def unet_marks(unet: Any, cuda: bool) -> tuple[list[tuple[Any, Any]], Callable[[], None]]:
+    """Record a (start, end) mark around every UNet forward; returns the list and a function removing the hooks."""
+    spans: list[tuple[Any, Any]] = []
+    pre = unet.register_forward_pre_hook(lambda module, args: spans.append((mark(cuda), None)))
+    post = unet.register_forward_hook(lambda module, args, output: spans.append((spans.pop()[0], mark(cuda))))
+
+    def remove() -> None:
+        pre.remove()
+        post.remove()
+
+    return spans, remove
+
+
+def bench_pipeline(
+    pipe: Any, steps: int, guidance: float, batch: int, size: int, repeats: int, warmup: int, prompt: str
+) -> dict[str, Any]:
+    """Median end-to-end and UNet-only seconds per image of `repeats` timed calls after `warmup` untimed ones."""
+    import statistics
+
+    import torch
+
+    cuda = pipe.device.type == "cuda"
+
+    def call() -> None:
+        generator = torch.Generator("cpu").manual_seed(0)
+        pipe([prompt] * batch, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+             generator=generator, output_type="pil")  # fmt: skip
+
+    for _ in range(warmup):
+        call()
+    reset_peak_memory(cuda)
+    spans, remove = unet_marks(pipe.unet, cuda)
+    end_to_end, unet_only, calls = [], [], 0
+    try:
+        for _ in range(repeats):
+            spans.clear()
+            start = mark(cuda)
+            call()
+            end_to_end.append(elapsed(start, mark(cuda)))
+            unet_only.append(sum(elapsed(a, b) for a, b in spans))
+            calls = len(spans)
+    finally:
+        remove()
+    e2e, unet = statistics.median(end_to_end), statistics.median(unet_only)
+    return {
+        "steps": steps, "guidance": guidance, "batch": batch, "resolution": size, "unet_calls": calls,
+        "s_per_image": e2e / batch, "images_per_s": batch / e2e, "unet_s_per_image": unet / batch,
+        "unet_share": unet / e2e, "peak_memory_mb": peak_memory_mb(cuda),
+        "memory": "GPU max allocated" if cuda else "peak RSS", "end_to_end_s": end_to_end, "unet_s": unet_only,
+    }  # fmt: skip
+
+
+@dataclass
+class GenerateBench:
+    teacher: str
+    lora: str | None = None
+    lcm: str | None = None
+    teacher_config: str | None = None
+    steps: int = 4
+    teacher_steps: int = 25
+    sampler: str = "dpm++"
+    guidance: float = 7.5
+    """The teacher's classifier-free guidance (and a full LCM's w input unless lcm_guidance is set)."""
+    lcm_guidance: float | None = None
+    resolution: int | None = None
+    batch: int = 1
+    repeats: int = 5
+    warmup: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    prompt: str = "a photograph of an astronaut riding a horse"
+
+    def check(self) -> None:
+        if self.lora and self.lcm:
+            raise ConfigError("give either --lora or --lcm, not both")
+        for name in ("steps", "teacher_steps", "batch", "repeats"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup {self.warmup}: must be >= 0")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ConfigError(f"--resolution {self.resolution}: must be a multiple of 8")
+
+
+def bench_generate(cfg: GenerateBench) -> dict[str, Any]:
+    """Bench the distilled model, then the teacher, each loaded alone (so memory is its own)."""
+    import gc
+
+    import torch
+
+    from .config import ModelConfig
+    from .models import load_teacher
+    from .sample import default_size, distilled_pipeline, pick_device, pick_dtype, teacher_pipeline, teacher_scheduler
+
+    cfg.check()
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    rows = []
+    if cfg.lora or cfg.lcm:
+        lcm, name, w = distilled_pipeline(cfg.teacher, cfg.lora, cfg.lcm, cfg.teacher_config, device, cfg.dtype,
+                                          cfg.guidance, cfg.lcm_guidance)  # fmt: skip
+        size = cfg.resolution or default_size(lcm)
+        row = bench_pipeline(lcm, cfg.steps, w, cfg.batch, size, cfg.repeats, cfg.warmup, cfg.prompt)
+        rows.append({"model": name, "sampler": "lcm", **row})
+        del lcm
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    teacher = load_teacher(ModelConfig(teacher=cfg.teacher, teacher_config=cfg.teacher_config), dtype)
+    pipe = teacher_pipeline(teacher, teacher.unet, teacher_scheduler(teacher.scheduler.config, cfg.sampler)).to(
+        device, dtype
+    )
+    size = cfg.resolution or default_size(pipe)
+    row = bench_pipeline(pipe, cfg.teacher_steps, cfg.guidance, cfg.batch, size, cfg.repeats, cfg.warmup, cfg.prompt)
+    rows.append({"model": "teacher", "sampler": cfg.sampler, **row})
+    for r in rows:
+        r["speedup_vs_teacher"] = rows[-1]["s_per_image"] / r["s_per_image"]
+    config = dict(vars(cfg))
+    config.update(device=device, dtype=str(dtype).removeprefix("torch."))
+    return {"machine": machine(), "config": config, "generate": rows}
+
+
+def generate_table(rows: list[dict[str, Any]]) -> str:
+    header = ["model", "sampler", "steps", "guidance", "batch", "resolution", "s/image", "images/s",
+              "UNet s/image", "UNet calls", "speed-up", f"{rows[0]['memory']} MB"]  # fmt: skip
+    cells = [[r["model"], r["sampler"], str(r["steps"]), f"{r['guidance']:g}", str(r["batch"]), str(r["resolution"]),
+              f"{r['s_per_image']:.4f}", f"{r['images_per_s']:.1f}", f"{r['unet_s_per_image']:.4f}",
+              str(r["unet_calls"]), f"{r['speedup_vs_teacher']:.1f}x", f"{r['peak_memory_mb']:.0f}"]
+             for r in rows]  # fmt: skip
+    return markdown(header, cells)

@@ -188,6 +188,75 @@ def _bench_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .eval import EvalSettings, cycle, optional_scorers, parse_steps, read_prompts, run_eval
+
+    n = 2 if args.quick and args.num_images is None else args.num_images
+    if n is not None and n < 1:
+        raise ConfigError(f"--num-images {n}: must be >= 1")
+    steps = parse_steps(args.steps or ("1,2" if args.quick else "1,2,4,8"))
+    teacher, toy_scorers = args.teacher, []
+    if teacher == "toy":
+        from .toy.demo import toy_teacher
+
+        teacher = toy_teacher()
+    if args.prompts == "toy":  # toy captions, scored by the toy checker and probe
+        from .toy.demo import toy_prompts, toy_scores
+
+        prompts, toy_scorers = toy_prompts(64 if n is None else n, args.seed), [toy_scores]
+    else:
+        prompts = read_prompts(args.prompts)
+        prompts = cycle(prompts, len(prompts) if n is None else n)
+    settings = EvalSettings(
+        teacher=teacher, prompts=prompts, lora=args.lora, lcm=args.lcm, teacher_config=args.teacher_config,
+        steps=steps, guidance=args.guidance, lcm_guidance=args.lcm_guidance, seed=args.seed, size=args.resolution,
+        batch_size=args.batch_size, grid_rows=2 if args.quick else args.grid_rows, device=args.device,
+        dtype=args.dtype, out=args.out, progress=not args.no_progress,
+    )  # fmt: skip
+    settings.check()
+    scorers, skipped = optional_scorers(args.clip_model, args.inception, settings.device)
+    result = run_eval(settings, scorers + toy_scorers)
+    print(result["table"])
+    for line in skipped:
+        print(f"lcmkit: {line}", file=sys.stderr)
+    print(f"lcmkit eval: {result['n_images']} images per sampler in {result['total_s']:.0f} s; "
+          f"eval.json, eval.md, quality.png and grid.png in {result['out']}")  # fmt: skip
+    return 0
+
+
+def _bench_generate(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import fields
+    from pathlib import Path
+
+    from .bench import GenerateBench, bench_generate, generate_table
+
+    given = {f.name: getattr(args, f.name) for f in fields(GenerateBench) if getattr(args, f.name, None) is not None}
+    record = bench_generate(GenerateBench(**given))
+    print(generate_table(record["generate"]))
+    m = record["machine"]
+    print(f"machine: {m.get('gpu') or m['processor']}, {m['cpus']} CPUs ({m['threads']} threads), torch {m['torch']}, "
+          f"diffusers {m['diffusers']}; {record['config']['device']} {record['config']['dtype']}, median of "
+          f"{args.repeats} after {args.warmup} warm-up")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--teacher", required=True, help="hub id, diffusers folder or .safetensors file ('toy': the shipped one)"
+    )
+    p.add_argument("--teacher-config", help="for a single-file teacher offline: a diffusers folder with its configs")
+    p.add_argument("--lora", help="the LCM-LoRA to evaluate on the teacher (file or folder)")
+    p.add_argument("--lcm", help="a full LCM: a distill output folder or its pipeline/ folder")
+    p.add_argument("--guidance", type=float, default=7.5, help="the teacher's CFG scale (a full LCM's w by default)")
+    p.add_argument("--lcm-guidance", type=float, help="default: 1 for an LCM-LoRA, --guidance for a full LCM")
+    p.add_argument("--resolution", type=int, help="square image size (default: the model's native size)")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcmkit", description="Latent Consistency Distillation for SD / SDXL")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
@@ -253,7 +322,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_info)
 
-    b = sub.add_parser("bench", help="measure distillation throughput and memory").add_subparsers(
+    ev = sub.add_parser("eval", help="quality against steps and time: distilled model vs teacher samplers",
+                        description="Same prompts and initial noise for every sampler; agreement with the teacher's "
+                        "DDIM 50-step image, s/image, optional CLIP score / FID from local weights.")  # fmt: skip
+    _add_model_flags(ev)
+    ev.add_argument("--prompts", required=True, help="a file with one prompt per line, or 'toy' (toy-world captions "
+                    "and the toy probe metrics)")  # fmt: skip
+    ev.add_argument("--steps", help="distilled-model step counts (default 1,2,4,8); the teacher adds 25 and 50")
+    ev.add_argument("--num-images", type=int, help="images per sampler (default: one per prompt; 64 for toy)")
+    ev.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--grid-rows", type=int, default=4)
+    ev.add_argument("--clip-model", help="local transformers CLIP folder (or LCMKIT_CLIP); without it no CLIP score")
+    ev.add_argument("--inception", help="local torchvision Inception-v3 .safetensors (or LCMKIT_INCEPTION) for FID")
+    ev.add_argument("--out", default="eval")
+    ev.add_argument("--quick", action="store_true", help="smoke-test size: 2 images, steps 1,2, 2 grid rows")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=_eval)
+
+    b = sub.add_parser("bench", help="measure distillation throughput, generation latency and memory").add_subparsers(
         dest="bench_command", required=True
     )
     bd = b.add_parser("distill", help="s/step, samples/s and peak RSS per mode, each in its own process")
@@ -268,6 +355,19 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--cache", action="store_true", help="also run each mode from an lcmkit cache of --data")
     bd.add_argument("--json", help="also write the results (with machine info) to this file")
     bd.set_defaults(func=_bench_distill)
+    bg = b.add_parser("generate", help="latency per image and images/s: distilled model vs teacher sampler",
+                      description="End to end and UNet-only; warm-up excluded, median of repeats; CUDA events and "
+                      "GPU memory on CUDA, wall time and peak RSS on CPU.")  # fmt: skip
+    _add_model_flags(bg)
+    bg.add_argument("--steps", type=int, default=4, help="distilled-model steps")
+    bg.add_argument("--teacher-steps", type=int, default=25)
+    bg.add_argument("--sampler", choices=["dpm++", "ddim"], default="dpm++", help="the teacher's sampler")
+    bg.add_argument("--batch", type=int, default=1)
+    bg.add_argument("--repeats", type=int, default=5)
+    bg.add_argument("--warmup", type=int, default=1)
+    bg.add_argument("--prompt")
+    bg.add_argument("--json", help="also write the results (machine, versions, configuration) to this file")
+    bg.set_defaults(func=_bench_generate)
 
     d = sub.add_parser("demo", help="distill the shipped toy teacher and compare it with its teacher, offline")
     d.add_argument("--out", default=None, help="output folder (default runs/demo)")

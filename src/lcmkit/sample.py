@@ -10,15 +10,24 @@ from PIL import Image, ImageDraw
 
 from .models import Teacher, pipeline_class
 
+SAMPLERS = ("ddim", "dpm++")
 
-def lcm_pipeline(teacher: Teacher, unet: torch.nn.Module, num_ddim_timesteps: int = 50) -> Any:
-    """A StableDiffusion(XL)Pipeline over the teacher's components with `unet` and LCMScheduler.
 
-    A full LCM UNet (time_cond_proj_dim set) takes guidance_scale as its w input (no CFG pass);
-    an LCM-LoRA UNet is run with guidance_scale 1 (no CFG either)."""
-    from diffusers import LCMScheduler
+def teacher_scheduler(config: Any, sampler: str) -> Any:
+    """The teacher's noise schedule under DDIM or DPM-Solver++ (2nd order multistep)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    scheduler = LCMScheduler.from_config(teacher.scheduler.config, original_inference_steps=num_ddim_timesteps)
+    if sampler == "ddim":  # DDIM's default clip_sample=True would clip latents to [-1, 1]: SD configs set False
+        return DDIMScheduler.from_config(config, **({} if "clip_sample" in config else {"clip_sample": False}))
+    if sampler == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    from .config import ConfigError
+
+    raise ConfigError(f"sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+
+
+def teacher_pipeline(teacher: Teacher, unet: torch.nn.Module, scheduler: Any) -> Any:
+    """A StableDiffusion(XL)Pipeline over the teacher's components with `unet` and `scheduler`."""
     parts: dict[str, Any] = dict(
         vae=teacher.vae, text_encoder=teacher.text_encoders[0], tokenizer=teacher.tokenizers[0],
         unet=unet, scheduler=scheduler,
@@ -32,11 +41,30 @@ def lcm_pipeline(teacher: Teacher, unet: torch.nn.Module, num_ddim_timesteps: in
     return pipe
 
 
+def lcm_pipeline(teacher: Teacher, unet: torch.nn.Module, num_ddim_timesteps: int = 50) -> Any:
+    """The teacher's pipeline with `unet` and LCMScheduler.
+
+    A full LCM UNet (time_cond_proj_dim set) takes guidance_scale as its w input (no CFG pass);
+    an LCM-LoRA UNet is run with guidance_scale 1 (no CFG either)."""
+    from diffusers import LCMScheduler
+
+    scheduler = LCMScheduler.from_config(teacher.scheduler.config, original_inference_steps=num_ddim_timesteps)
+    return teacher_pipeline(teacher, unet, scheduler)
+
+
 @torch.no_grad()
 def run_batched(
-    pipe: Any, prompts: list[str], seed: int, batch_size: int, progress: bool = False, **kwargs: Any
+    pipe: Any,
+    prompts: list[str],
+    seed: int,
+    batch_size: int,
+    progress: bool = False,
+    latents: torch.Tensor | None = None,
+    **kwargs: Any,
 ) -> list[Image.Image]:
-    """Image i gets its own generator seeded seed + i, so an image does not depend on its batch."""
+    """Image i gets its own generator seeded seed + i, so an image does not depend on its batch.
+
+    `latents` (n, C, h, w), when given, are the initial noise of the n images (see `initial_noise`)."""
     from tqdm.auto import tqdm
 
     images: list[Image.Image] = []
@@ -46,8 +74,24 @@ def run_batched(
         generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
         if negative:
             kwargs["negative_prompt"] = [negative] * len(chunk)
+        if latents is not None:
+            kwargs["latents"] = latents[start : start + len(chunk)].to(pipe.device, pipe.unet.dtype)
         images += pipe(chunk, generator=generators, output_type="pil", **kwargs).images
     return images
+
+
+def initial_noise(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """(n, *shape) standard normal latents, image i drawn from a CPU generator seeded seed + i: the noise
+    diffusers' pipelines draw for image i with run_batched's generators, made explicit so that every
+    sampler of an evaluation starts image i from the very same tensor."""
+    return torch.cat(
+        [torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(seed + i)) for i in range(n)]
+    )
+
+
+def default_size(pipe: Any) -> int:
+    """The pipeline's native square size in pixels (UNet sample_size x VAE scale factor)."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
 def generate(
@@ -63,7 +107,7 @@ def generate(
 def image_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels: list[str]) -> Image.Image:
     """A labelled grid: one row per prompt, one column per setting."""
     w, h = rows[0][0].size
-    cell = max(w, 96)
+    cell = max(w, 112)
     left, top = 8, 16
     grid = Image.new("RGB", (left + cell * len(col_labels), top + (cell + 12) * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
@@ -284,6 +328,23 @@ class FewStepGenerator:
         else:
             kwargs.update(width=width, height=height)
         return run_batched(pipe, prompts, seed, batch_size, progress, **kwargs)
+
+
+def distilled_pipeline(
+    teacher: str, lora: str | None, lcm: str | None, teacher_config: str | None, device: str, dtype: str,
+    guidance: float, lcm_guidance: float | None = None,
+) -> tuple[Any, str, float]:  # fmt: skip
+    """(LCMScheduler pipeline, "LCM-LoRA" or "LCM", its guidance) for evaluations and benchmarks.
+
+    An LCM-LoRA is fused into the teacher UNet and unloaded (a deployed model's speed) and runs at guidance 1;
+    a full LCM takes `guidance` as its w input. `lcm_guidance` overrides either."""
+    gen = FewStepGenerator(None if lcm else teacher, [(lora, 1.0)] if lora else [], lcm, "lcm", device, dtype,
+                           teacher_config)  # fmt: skip
+    if lora:
+        gen.pipe.fuse_lora()
+        gen.pipe.unload_lora_weights()
+    w = lcm_guidance if lcm_guidance is not None else (guidance if gen.full else 1.0)
+    return gen.pipe, "LCM" if gen.full else "LCM-LoRA", w
 
 
 def png_parameters(prompt: str, seed: int, info: dict[str, Any]) -> Any:

@@ -4,7 +4,7 @@ Distils the shipped toy teacher into an LCM-LoRA (or a full LCM) on toy-world sh
 `lcmkit distill`'s own code, then compares, on the same prompts and seeds:
 teacher DPM-Solver++ 25 steps with guidance, teacher DPM-Solver++ 4 steps, and the LCM at 1, 2, 4, 8
 steps. Writes a grid PNG, a metrics table (markdown + JSON: probe-FD, prompt accuracy, seconds per
-image) and a plot of quality against steps.
+image) and a plot of quality against steps and seconds per image.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..config import ConfigError, DistillConfig
 from ..distill import distill
-from ..sample import generate, image_grid
+from ..eval import Column, sample_columns, write_report
+from ..sample import image_grid, initial_noise
 from .world import IMAGE_SIZE, make_splits, sample_scenes
 
 TEACHER_DIR = Path(__file__).parent / "assets" / "teacher"
@@ -57,19 +57,9 @@ class DemoSettings:
         return cls(**{**base, **kw})
 
 
-@dataclass
-class Column:
-    label: str
-    pipe: Any
-    steps: int
-    guidance: float
-    images: list[Image.Image] = field(default_factory=list)
-    seconds_per_image: float = 0.0
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-def teacher_path(settings: DemoSettings) -> str:
-    path = Path(settings.teacher) if settings.teacher else TEACHER_DIR
+def toy_teacher(folder: str | None = None) -> str:
+    """A toy-world teacher folder (default: the shipped one), checked."""
+    path = Path(folder) if folder else TEACHER_DIR
     if not (path / "model_index.json").is_file():
         raise ConfigError(f"toy teacher {path} not found: it ships with lcmkit once trained "
                           "(lcmkit toy train-teacher), or pass --teacher DIR")  # fmt: skip
@@ -129,83 +119,42 @@ def load_pipelines(settings: DemoSettings, teacher: str, run_dir: Path) -> tuple
 
 
 def columns_for(settings: DemoSettings, base: Any, lcm: Any) -> list[Column]:
-    from diffusers import DPMSolverMultistepScheduler
+    from ..sample import teacher_scheduler
 
     teacher = base
-    teacher.scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config, algorithm_type="dpmsolver++")
+    teacher.scheduler = teacher_scheduler(base.scheduler.config, "dpm++")
     lcm_guidance = 1.0 if settings.mode == "lora" else settings.guidance
+    group = "teacher DPM++"
     cols = [
-        Column(f"teacher DPM++ {settings.teacher_steps}", teacher, settings.teacher_steps, settings.guidance),
-        Column("teacher DPM++ 4", teacher, 4, settings.guidance),
+        Column(f"{group} {settings.teacher_steps}", group, teacher, settings.teacher_steps, settings.guidance),
+        Column(f"{group} 4", group, teacher, 4, settings.guidance),
     ]
-    cols += [Column(f"LCM {n}", lcm, n, lcm_guidance) for n in settings.lcm_steps]
+    cols += [Column(f"LCM {n}", "LCM", lcm, n, lcm_guidance) for n in settings.lcm_steps]
     return cols
 
 
-def score(columns: list[Column], prompts: list[str]) -> None:
+def toy_prompts(n: int, seed: int) -> list[str]:
+    """`n` captions of random toy scenes (the demo's and `lcmkit eval --prompts toy`'s evaluation prompts)."""
+    return [scene.caption() for scene in sample_scenes(n, seed + 4242)]
+
+
+def toy_scores(images: list[Image.Image], prompts: list[str], reference: Any = None) -> dict[str, float]:
     """Prompt accuracy (pixel checker) and probe-FD against 2,000 held-out real renders (shipped probe)."""
     from .checker import prompt_accuracy
 
+    arrays = [np.asarray(im) for im in images]
+    scores = {"prompt_accuracy": prompt_accuracy(arrays, prompts)}
     try:
         from .probe import load_probe, probe_fd
 
-        probe = load_probe()
+        scores["probe_fd"] = probe_fd(arrays, None, probe=load_probe())
     except (ImportError, FileNotFoundError):
-        probe = None
-    for col in columns:
-        arrays = [np.asarray(im) for im in col.images]
-        col.metrics["prompt_accuracy"] = prompt_accuracy(arrays, prompts)
-        if probe is not None:
-            col.metrics["probe_fd"] = probe_fd(arrays, None, probe=probe)
-
-
-def write_table(columns: list[Column], out: Path, info: dict[str, Any]) -> str:
-    has_fd = all("probe_fd" in c.metrics for c in columns)
-    head = "| sampler | steps | guidance | prompt accuracy |" + (" probe-FD |" if has_fd else "") + " s/image |"
-    rule = "|---|---|---|---|" + ("---|" if has_fd else "") + "---|"
-    rows = [head, rule]
-    for c in columns:
-        fd = f" {c.metrics['probe_fd']:.2f} |" if has_fd else ""
-        rows.append(f"| {c.label} | {c.steps} | {c.guidance:g} | {c.metrics['prompt_accuracy']:.1%} |{fd}"
-                    f" {c.seconds_per_image:.4f} |")  # fmt: skip
-    table = "\n".join(rows) + "\n"
-    (out / "metrics.md").write_text(table)
-    record = {
-        "columns": [
-            {"label": c.label, "steps": c.steps, "guidance": c.guidance, "seconds_per_image": c.seconds_per_image,
-             **c.metrics} for c in columns
-        ],
-        **info,
-    }  # fmt: skip
-    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
-    return table
-
-
-def write_plot(columns: list[Column], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = ["prompt_accuracy"] + (["probe_fd"] if all("probe_fd" in c.metrics for c in columns) else [])
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for group, marker in (("LCM", "o-"), ("teacher", "s--")):
-            cols = [c for c in columns if c.label.startswith(group)]
-            ax.plot([c.steps for c in cols], [c.metrics[metric] for c in cols], marker, label=group)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("sampling steps")
-        ax.set_ylabel(metric.replace("_", " "))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("quality against steps (same prompts and seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        pass
+    return scores
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
-    teacher = teacher_path(settings)
+    teacher = toy_teacher(settings.teacher)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -216,18 +165,17 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
 
     base, lcm = load_pipelines(settings, teacher, run_dir)
     columns = columns_for(settings, base, lcm)
-    prompts = [s.caption() for s in sample_scenes(settings.n_eval, settings.seed + 4242)]
-    for col in tqdm(columns, desc="sampling", disable=not settings.progress):
-        start = time.perf_counter()
-        col.images = generate(col.pipe, prompts, col.steps, col.guidance, settings.seed, IMAGE_SIZE, batch_size=50)
-        col.seconds_per_image = (time.perf_counter() - start) / len(prompts)
-    score(columns, prompts)
+    prompts = toy_prompts(settings.n_eval, settings.seed)
+    latent = IMAGE_SIZE // base.vae_scale_factor
+    noise = initial_noise(len(prompts), (base.unet.config.in_channels, latent, latent), settings.seed)
+    sample_columns(columns, prompts, noise, settings.seed, 50, IMAGE_SIZE, settings.progress)
+    for col in columns:
+        col.metrics.update(toy_scores(col.images, prompts))
 
     rows = [[c.images[i] for c in columns] for i in range(settings.grid_rows)]
     image_grid(rows, prompts[: settings.grid_rows], [c.label for c in columns]).save(out / "grid.png")
     info = {"mode": settings.mode, "distill_steps": result.train.steps, "distill_s": t_distill,
             "median_s_per_step": result.train.median_s_per_step, "n_eval": settings.n_eval,
             "total_s": time.perf_counter() - t0}  # fmt: skip
-    table = write_table(columns, out, info)
-    write_plot(columns, out / "quality.png")
+    table = write_report(columns, out, info, stem="metrics")
     return {"table": table, "out": str(out), **info}

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..eval import feature_stats, frechet_distance
 from .world import (
     ATTRIBUTES,
     BACKGROUNDS,
@@ -270,45 +271,6 @@ def save_probe(probe: Probe, out_dir: str | os.PathLike) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Frechet distance
 # ----------------------------------------------------------------------------------------------------------
-
-
-def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (d,) and covariance (d, d) of features (n, d), float64."""
-    feats = np.asarray(features, dtype=np.float64)
-    if feats.ndim != 2 or len(feats) < 2:
-        raise ValueError(f"need features of shape (n >= 2, d), got {feats.shape}")
-    return feats.mean(axis=0), np.atleast_2d(np.cov(feats, rowvar=False))
-
-
-def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix (symmetrized, tiny negative eigenvalues clipped)."""
-    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
-
-    |mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^(1/2)), where tr((s1 s2)^(1/2)) is computed as the
-    trace of the square root of the symmetric PSD matrix sqrt(s1) s2 sqrt(s1) (same eigenvalues), from its
-    clipped eigenvalues. Numpy only; never negative.
-    """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, dtype=np.float64)), np.atleast_1d(np.asarray(mu2, dtype=np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64)), np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
-    d = mu1.shape[0]
-    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise ValueError(f"shape mismatch: mu {mu1.shape}, {mu2.shape}; sigma {s1.shape}, {s2.shape}")
-    for name, value in (("mu1", mu1), ("mu2", mu2), ("sigma1", s1), ("sigma2", s2)):
-        if not np.all(np.isfinite(value)):
-            raise ValueError(f"{name} has non-finite entries")
-    s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
-    root1 = _psd_sqrt(s1)
-    product = root1 @ s2 @ root1
-    eigenvalues = np.linalg.eigvalsh((product + product.T) / 2)
-    trace_covmean = float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
-    diff = mu1 - mu2
-    value = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * trace_covmean)
-    return max(value, 0.0)
 
 
 def reference_stats(n: int = 2000, seed: int = REFERENCE_SEED, probe: Probe | None = None) -> tuple[np.ndarray, ...]:
