@@ -60,6 +60,8 @@ def test_training_from_the_cache_follows_the_raw_trajectory(tiny_sd, tmp_path):
     assert cache_cli(tiny_sd, f"folder:{root}", cache, "--dtype", "fp32", "--shard-size", "1") == 0
     assert distill_cli(tiny_sd, f"folder:{root}", tmp_path / "raw") == 0
     assert distill_cli(tiny_sd, f"cache:{cache}", tmp_path / "cached") == 0
+    record = json.loads((tmp_path / "cached" / "lcmkit_run.json").read_text())
+    assert record["data"]["released"] == ["vae.encoder", "text_encoders"]  # a cached step encodes nothing
     raw, cached = losses(tmp_path / "raw"), losses(tmp_path / "cached")
     assert len(raw) == 3
     assert cached == pytest.approx(raw, rel=1e-4)
@@ -92,7 +94,10 @@ def test_sdxl_cache_trains(tiny_sdxl, tmp_path):
     assert shard["pooled"].shape[0] == 6 and shard["latent_mean"].dtype == torch.float16
     sizes = shard["original_size"].tolist()  # (h, w) before resizing
     assert sorted(sizes) == [[72, 80 + 8 * i] for i in range(6)]
-    assert distill_cli(tiny_sdxl, f"cache:{cache}", tmp_path / "run", "--max-steps", "1") == 0
+    run = tmp_path / "run"
+    assert distill_cli(tiny_sdxl, f"cache:{cache}", run, "--max-steps", "1", "--validation-prompts", "a cat") == 0
+    assert json.loads((run / "lcmkit_run.json").read_text())["data"]["released"] == ["vae.encoder"]
+    assert (run / "validation" / "step-00000001.png").is_file()
 
 
 def test_interrupted_cache_resumes_after_its_last_shard(tiny_sd, tmp_path, monkeypatch):

@@ -134,6 +134,18 @@ def test_folder_errors(tmp_path):
         resolve_data(f"folder:{tmp_path / 'empty'}")
 
 
+def test_folder_with_a_zero_byte_and_a_truncated_jpeg(tmp_path):
+    root = make_folder(tmp_path / "f", "txt")
+    (root / "zero.jpg").write_bytes(b"")
+    Image.new("RGB", (96, 96), (200, 10, 10)).save(root / "cut.jpg", quality=95)
+    (root / "cut.jpg").write_bytes((root / "cut.jpg").read_bytes()[:300])
+    for name in ("zero", "cut"):
+        (root / f"{name}.txt").write_text("broken")
+    ds = SampleStream(resolve_data(f"folder:{root}"), ImageTransform(64), max_epochs=1)
+    assert len(list(ds)) == 5
+    assert ds.skipped == {"corrupt image": 2, "missing caption": 1}
+
+
 def test_distill_from_an_image_folder(tiny_sd, tmp_path):
     from lcmkit.cli import main
 
@@ -143,7 +155,7 @@ def test_distill_from_an_image_folder(tiny_sd, tmp_path):
             "--batch-size", "2", "--resolution", "64", "--lora-rank", "2", "--no-progress"]  # fmt: skip
     assert main(args) == 0 and (out / "pytorch_lora_weights.safetensors").is_file()
     record = json.loads((out / "lcmkit_run.json").read_text())
-    assert record["data"] == {"source": f"folder:{root}", "skipped": {"missing caption": 1}}
+    assert record["data"] == {"source": f"folder:{root}", "skipped": {"missing caption": 1}, "released": []}
 
 
 def identities(stream) -> list[str]:

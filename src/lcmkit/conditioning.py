@@ -76,7 +76,19 @@ class TextConditioner:
 
     @property
     def device(self) -> torch.device:
+        if not self.text_encoders:  # released (training from a cache): where the empty prompt's encoding lives
+            return self._empty.hidden_states.device
         return next(self.text_encoders[0].parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._empty.hidden_states.dtype if not self.text_encoders else self.text_encoders[0].dtype
+
+    def release_encoders(self) -> None:
+        """Encode the empty prompt now, then drop the text encoders (training from a cache needs no more)."""
+        ones = torch.ones(1, 2)
+        self._empty = self.encode([""], ones, ones, (1, 1))
+        self.text_encoders = []
 
     def _token_ids(self, tokenizer: Any, prompts: list[str]) -> Tensor:
         return tokenizer(
@@ -109,7 +121,7 @@ class TextConditioner:
 
     def from_cache(self, batch: dict[str, Any], target_size: tuple[int, int]) -> Conditioning:
         """The conditioning of a batch read from an lcmkit cache (same values encode() gives)."""
-        dtype = self.text_encoders[0].dtype
+        dtype = self.dtype
         hidden = batch["hidden_states"].to(self.device, dtype)
         if self.family == "sd":
             return Conditioning(hidden)

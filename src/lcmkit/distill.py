@@ -183,6 +183,27 @@ def check_cache(source: Source, teacher: Teacher, resolution: int) -> None:
         source.check_matches(teacher.family, encoder_fingerprint(teacher.vae, teacher.text_encoders), resolution)
 
 
+def release_for_cache(source: Source, teacher: Teacher, conditioner: Any, keep_text: bool) -> list[str]:
+    """Training from a cache encodes nothing: free the VAE encoder and (unless validation needs them to encode
+    its prompts) the text encoders. Returns what was released."""
+    import gc
+
+    from .data.cache import CacheSource
+
+    if not isinstance(source, CacheSource):
+        return []
+    released = ["vae.encoder"]
+    teacher.vae.encoder = None
+    if getattr(teacher.vae, "quant_conv", None) is not None:
+        teacher.vae.quant_conv = None
+    if not keep_text:
+        conditioner.release_encoders()
+        teacher.text_encoders = []
+        released.append("text_encoders")
+    gc.collect()
+    return released
+
+
 def _run(
     cfg: DistillConfig,
     teacher: Teacher,
@@ -228,6 +249,7 @@ def _run(
     dataloader = make_dataloader(dataset, cfg.train.batch_size, cfg.data.num_workers)
 
     conditioner = teacher.conditioner()
+    released = release_for_cache(source, teacher, conditioner, keep_text=bool(cfg.train.validation_prompts))
     uncond_mode = teacher.default_uncond() if cfg.lcd.uncond == "auto" else cfg.lcd.uncond
     schedule = teacher.noise_schedule()
     settings = LCDSettings(
@@ -302,7 +324,7 @@ def _run(
             "samples_per_s": result.samples_per_s, "final_loss": result.final_loss,
             "wall_s": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(),
             "device": str(device), "num_processes": accelerator.num_processes,
-            "data": {"source": source.description, "skipped": skipped},
+            "data": {"source": source.description, "skipped": skipped, "released": released},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }  # fmt: skip
         (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
