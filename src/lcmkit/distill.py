@@ -183,9 +183,10 @@ def check_cache(source: Source, teacher: Teacher, resolution: int) -> None:
         source.check_matches(teacher.family, encoder_fingerprint(teacher.vae, teacher.text_encoders), resolution)
 
 
-def release_for_cache(source: Source, teacher: Teacher, conditioner: Any, keep_text: bool) -> list[str]:
-    """Training from a cache encodes nothing: free the VAE encoder and (unless validation needs them to encode
-    its prompts) the text encoders. Returns what was released."""
+def release_for_cache(source: Source, teacher: Teacher, conditioner: Any, cfg: DistillConfig) -> list[str]:
+    """LoRA training from a cache encodes nothing: free the VAE encoder and (unless validation needs them to
+    encode its prompts) the text encoders. (A full run keeps them: its pipeline/ output holds them.)
+    Returns what was released."""
     import gc
 
     from .data.cache import CacheSource
@@ -196,7 +197,7 @@ def release_for_cache(source: Source, teacher: Teacher, conditioner: Any, keep_t
     teacher.vae.encoder = None
     if getattr(teacher.vae, "quant_conv", None) is not None:
         teacher.vae.quant_conv = None
-    if not keep_text:
+    if not cfg.train.validation_prompts:
         conditioner.release_encoders()
         teacher.text_encoders = []
         released.append("text_encoders")
@@ -249,7 +250,7 @@ def _run(
     dataloader = make_dataloader(dataset, cfg.train.batch_size, cfg.data.num_workers)
 
     conditioner = teacher.conditioner()
-    released = release_for_cache(source, teacher, conditioner, keep_text=bool(cfg.train.validation_prompts))
+    released = release_for_cache(source, teacher, conditioner, cfg) if cfg.mode == "lora" else []
     uncond_mode = teacher.default_uncond() if cfg.lcd.uncond == "auto" else cfg.lcd.uncond
     schedule = teacher.noise_schedule()
     settings = LCDSettings(
