@@ -95,3 +95,28 @@ def test_info_says_what_each_output_is(tiny_sd, sd_lora, tmp_path, capsys):
     bogus = tmp_path / "model.ckpt"
     bogus.write_bytes(b"x")
     assert main(["info", str(bogus)]) == 2 and "pickle" in capsys.readouterr().err
+
+
+def test_sdxl_kohya_export_loads_in_diffusers_to_the_same_image(tiny_sdxl, shards, tmp_path):
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    lora = tmp_path / "lora"
+    args = ["distill", "--teacher", tiny_sdxl, "--data", shards, "--out", str(lora), "--max-steps", "2",
+            "--batch-size", "2", "--resolution", "64", "--lora-rank", "4", "--learning-rate", "1e-2", "--no-progress"]
+    assert main(args) == 0
+
+    def pipe_with(lora_path: str | None):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        if lora_path:
+            pipe.load_lora_weights(lora_path)
+        return pipe
+
+    base, reference = image(pipe_with(None)), image(pipe_with(str(lora)))
+    assert np.abs(reference - base).max() > 1e-3
+    kohya = tmp_path / "xl_kohya.safetensors"
+    assert main(["export", "kohya", str(lora), "--out", str(kohya)]) == 0
+    with safe_open(str(kohya), "pt") as f:
+        assert all(k.startswith("lora_unet_") for k in f.keys())
+    np.testing.assert_allclose(image(pipe_with(str(kohya))), reference, atol=1e-4)

@@ -66,6 +66,22 @@ def test_full_lcm_tcd_and_img2img(tiny_sd, shards, tmp_path):
         gen(["x"], negative_prompt="blurry")
 
 
+def test_full_lcm_as_a_single_file_generates_the_same_images(tiny_sd, shards, tmp_path, capsys):
+    full = distill(tiny_sd, shards, tmp_path / "full", "full")
+    single = tmp_path / "lcm.safetensors"
+    assert main(["export", "single-file", f"{full}/pipeline", "--out", str(single), "--dtype", "fp32"]) == 0
+    from_folder = FewStepGenerator(lcm=full)(["a red square"], steps=2, width=64, height=64)
+    from_file = FewStepGenerator(lcm=str(single), base_config=tiny_sd)(["a red square"], steps=2, width=64, height=64)
+    np.testing.assert_allclose(arr(from_file), arr(from_folder), atol=1.0)  # uint8 pixels
+    capsys.readouterr()
+    args = ["generate", "--lcm", str(single), "--prompt", "a red square", "--out", str(tmp_path / "png"),
+            "--width", "64", "--height", "64"]  # fmt: skip
+    assert main(args) == 2
+    assert "pass --base-config" in capsys.readouterr().err
+    assert main(args + ["--base-config", tiny_sd]) == 0
+    assert len(list((tmp_path / "png").glob("*.png"))) == 1
+
+
 def test_cli_writes_pngs_with_parameters(tiny_sd, sd_lora, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red square\n\na blue circle\n")

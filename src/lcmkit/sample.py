@@ -231,7 +231,7 @@ class FewStepGenerator:
         self.dtype = pick_dtype(dtype, self.device)
         self.full = lcm is not None
         if lcm is not None:
-            self.pipe, self.family = self._load_full(lcm)
+            self.pipe, self.family = self._load_full(lcm, base_config)
         else:
             teacher = load_teacher(ModelConfig(teacher=base, teacher_config=base_config))
             self.family = teacher.family
@@ -251,17 +251,33 @@ class FewStepGenerator:
         self._img2img: Any = None
 
     @staticmethod
-    def _load_full(lcm: str) -> tuple[Any, str]:
+    def _load_full(lcm: str, config: str | None = None) -> tuple[Any, str]:
+        """A full LCM: a distill output folder, its pipeline/ folder, or a single .safetensors file written by
+        `lcmkit export single-file` (with `config`, a diffusers folder or hub id holding the configs)."""
         from diffusers import DiffusionPipeline
 
         from .config import ConfigError
 
         folder = Path(lcm).expanduser()
-        if (folder / "pipeline" / "model_index.json").is_file():
-            folder = folder / "pipeline"
-        if not (folder / "model_index.json").is_file():
-            raise ConfigError(f"--lcm {lcm}: not a full-LCM pipeline folder (expected model_index.json or pipeline/)")
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+        if folder.is_file():
+            if folder.suffix != ".safetensors":
+                raise ConfigError(f"--lcm {lcm}: a single-file LCM must be a .safetensors file")
+            if not config:
+                raise ConfigError(f"--lcm {lcm} is a single file: pass --base-config (a diffusers folder or hub id "
+                                  "of the same architecture) for its configs")  # fmt: skip
+            from .single_file import import_single_file
+
+            try:
+                pipe = import_single_file(folder, config)
+            except (OSError, ValueError, KeyError) as e:
+                raise ConfigError(f"--lcm {lcm}: cannot load it as a single-file checkpoint ({e})") from None
+        else:
+            if (folder / "pipeline" / "model_index.json").is_file():
+                folder = folder / "pipeline"
+            if not (folder / "model_index.json").is_file():
+                raise ConfigError(f"--lcm {lcm}: not a full LCM (a pipeline folder, pipeline/ inside a distill "
+                                  "output, or a single .safetensors file)")  # fmt: skip
+            pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
         if getattr(pipe.unet.config, "time_cond_proj_dim", None) is None:
             raise ConfigError(f"--lcm {lcm}: its UNet has no guidance input (time_cond_proj_dim): not a full LCM")
         family = "sdxl" if hasattr(pipe, "text_encoder_2") else "sd"
