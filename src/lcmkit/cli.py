@@ -8,6 +8,7 @@ import shlex
 import sys
 from collections.abc import Callable
 
+from .card import PushError
 from .config import ConfigError, add_flags, load_config, validate
 
 EXIT_USAGE = 2
@@ -60,6 +61,16 @@ def _cache(args: argparse.Namespace) -> int:
     print(f"lcmkit: cached {index['num_samples']} samples in {len(index['shards'])} shard(s) "
           f"({summarize_skips(index['skipped'])}) in {index['seconds']:.0f} s -> {out}; "
           f"train with --data cache:{out}")  # fmt: skip
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .card import push
+
+    url = push(Path(args.out), args.repo_id, args.private)
+    print(f"lcmkit: pushed {args.out} -> {url}")
     return 0
 
 
@@ -279,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_cache)
 
+    pu = sub.add_parser("push", help="upload a finished distill folder (weights, model card, record, grids)")
+    pu.add_argument("out", help="the distill output folder")
+    pu.add_argument("--repo-id", required=True, help="e.g. you/sd15-lcm-lora")
+    pu.add_argument("--private", action="store_true")
+    pu.set_defaults(func=_push)
+
     g = sub.add_parser("generate", help="few-step images from base + LCM-LoRA (+ style LoRAs) or a full LCM")
     g.add_argument("--base", help="base model: hub id, diffusers folder or .safetensors file")
     g.add_argument("--base-config", help="for a single-file base offline: a diffusers folder with its configs")
@@ -427,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"lcmkit: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except PushError as e:
+        print(f"lcmkit: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lcmkit: interrupted", file=sys.stderr)
         return 130

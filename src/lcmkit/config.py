@@ -125,6 +125,11 @@ class TrainConfig:
     report_to: str = "none"
     log_every: int = 10
     progress: bool = True
+    push_to_hub: bool = False
+    """Upload the finished outputs (weights, model card, run record, grids) with your huggingface_hub login."""
+    hub_model_id: str | None = None
+    """The repo for --push-to-hub (default: the --out folder's name under your account)."""
+    hub_private: bool = False
 
 
 @dataclass

@@ -32,7 +32,7 @@ from .train import (
 log = logging.getLogger(__name__)
 
 RUN_RECORD = "lcmkit_run.json"
-OUTPUTS = (RUN_RECORD, "pytorch_lora_weights.safetensors", "unet", "unet_online", "pipeline", "validation",
+OUTPUTS = (RUN_RECORD, "README.md", "pytorch_lora_weights.safetensors", "unet", "unet_online", "pipeline", "validation",
            "logs", CHECKPOINT_DIR)  # fmt: skip
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -328,7 +328,16 @@ def _run(
             "data": {"source": source.description, "skipped": skipped, "released": released},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }  # fmt: skip
+        from .bench import machine
+        from .card import write_model_card
+
+        record["machine"] = machine()
         (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        write_model_card(out, cfg.train.hub_model_id)
+        if cfg.train.push_to_hub:
+            from .card import push
+
+            push(out, cfg.train.hub_model_id or out.resolve().name, cfg.train.hub_private)
     return DistillResult(out, cfg.mode, teacher.family, result, peak_rss_mb())
 
 

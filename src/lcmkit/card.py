@@ -1,0 +1,212 @@
+"""Model cards and hub upload: every finished distill folder explains itself; `push` publishes it.
+
+The card is built from the folder alone (lcmkit_run.json, the weights, the validation grids), so it can be
+written at the end of a run and rewritten later (after `lcmkit export kohya`, say) by `lcmkit push`.
+The YAML header comes from huggingface_hub's ModelCardData. Uploads use huggingface_hub with the user's
+own login or HF_TOKEN; we never read, print or write the token.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+CARD = "README.md"
+RUN_RECORD = "lcmkit_run.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+class PushError(RuntimeError):
+    """An upload failed; the message is one line naming the repo, the cause and what to do."""
+
+
+def _record(out: Path) -> dict[str, Any]:
+    path = out / RUN_RECORD
+    if not path.is_file():
+        raise ConfigError(f"{out} holds no finished lcmkit run ({RUN_RECORD} is missing)")
+    return json.loads(path.read_text())
+
+
+def teacher_license(teacher: str) -> str | None:
+    """The license field of the teacher's own card: a local folder's README.md, or the hub's when reachable."""
+    from huggingface_hub import ModelCard
+
+    local = Path(teacher).expanduser()
+    try:
+        if local.is_dir():
+            card = ModelCard.load(local / CARD) if (local / CARD).is_file() else None
+        elif local.exists():
+            card = None
+        else:
+            card = ModelCard.load(teacher)
+    except Exception:  # offline, gated, no card: the license stays unknown rather than guessed
+        return None
+    return getattr(card.data, "license", None) if card is not None else None
+
+
+def latest_grid(out: Path) -> str | None:
+    grids = sorted((out / "validation").glob("step-*.png"))
+    return f"validation/{grids[-1].name}" if grids else None
+
+
+def usage_snippet(record: dict[str, Any], weights: str) -> str:
+    """A diffusers snippet for this output; `weights` is where the LoRA or pipeline lives (a repo id or a path)."""
+    teacher, family, mode = record["config"]["model"]["teacher"], record["family"], record["mode"]
+    if mode == "lora":
+        pipe_cls = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+        return f'''import torch
+from diffusers import {pipe_cls}, LCMScheduler
+
+pipe = {pipe_cls}.from_pretrained("{teacher}")
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe.load_lora_weights("{weights}")
+image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=1.0).images[0]
+image.save("cat.png")'''
+    pipe_cls = "StableDiffusionXLPipeline" if family == "sdxl" else "LatentConsistencyModelPipeline"
+    if Path(weights).is_dir():  # a local distill folder: the pipeline is in pipeline/ (a pushed repo has it at the top)
+        weights = str(Path(weights) / "pipeline")
+    return f'''import torch
+from diffusers import {pipe_cls}
+
+pipe = {pipe_cls}.from_pretrained("{weights}")  # LCMScheduler inside
+image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=8.0).images[0]
+image.save("cat.png")'''
+
+
+def model_card(out: Path, repo_id: str | None = None) -> Any:
+    """The ModelCard of a finished distill folder (not written)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    out = Path(out)
+    r = _record(out)
+    cfg, teacher, family, mode = r["config"], r["config"]["model"]["teacher"], r["family"], r["mode"]
+    lora = mode == "lora"
+    tags = ["lcm", "latent-consistency-model", "text-to-image", "diffusers", "lcmkit",
+            "stable-diffusion-xl" if family == "sdxl" else "stable-diffusion"] + (["lora"] if lora else [])  # fmt: skip
+    data = ModelCardData(
+        base_model=teacher, library_name="diffusers", license=teacher_license(teacher), tags=tags,
+        pipeline_tag="text-to-image", inference=True,
+    )  # fmt: skip
+    rank, alpha = cfg["lora"]["lora_rank"], cfg["lora"]["lora_alpha"] or cfg["lora"]["lora_rank"]
+    what = (f"an **LCM-LoRA** (rank {rank}, alpha {alpha})" if lora
+            else "a **full Latent Consistency Model** (a UNet that takes the guidance scale w as input)")  # fmt: skip
+    from .models import looks_like_hub_id
+
+    named = f"[{teacher}](https://huggingface.co/{teacher})" if looks_like_hub_id(teacher) else f"`{teacher}`"
+    kohya = sorted(p.name for p in out.glob("*_kohya.safetensors"))
+    grid = latest_grid(out)
+    s_step = r.get("median_s_per_step")
+    hardware = r.get("machine", {}).get("gpu") or r.get("machine", {}).get("processor") or r.get("device", "?")
+    lines = [
+        f"# {repo_id or out.name}",
+        "",
+        f"This is {what} distilled from {named} "
+        f"({'SDXL' if family == 'sdxl' else 'Stable Diffusion'}, {r.get('prediction_type', 'epsilon')} prediction) "
+        "with lcmkit by Latent Consistency Distillation: it generates in 2-8 "
+        "steps instead of 25-50.",
+        "",
+        "## Use it",
+        "",
+        "```python",
+        usage_snippet(r, repo_id or str(out)),
+        "```",
+        "",
+        ("Steps 2-8 (4 is a good default), guidance 1.0-2.0 (1.0 disables classifier-free guidance; with a "
+         "negative prompt use 1.5-2). The LoRA also works on fine-tunes of the same base model."
+         if lora else "Steps 2-8 (4 is a good default), guidance 4-13 (the w input; no classifier-free guidance "
+         "pass is run, so each step costs one UNet call)."),
+        "",
+    ]  # fmt: skip
+    if lora:
+        lines += [
+            "ComfyUI / AUTOMATIC1111: "
+            + (f"drop `{kohya[0]}` into `models/loras` and sample with the LCM sampler, 4 steps, CFG 1-2."
+               if kohya else f"convert with `lcmkit export kohya {LORA_FILE} --out lcm_lora_kohya.safetensors`, "
+               "drop the result into `models/loras`, sample with the LCM sampler, 4 steps, CFG 1-2."),
+            "",
+        ]  # fmt: skip
+    if grid:
+        lines += ["## Samples", "", f"![validation grid: rows are prompts, columns step counts]({grid})", ""]
+    lines += [
+        "## How it was made",
+        "",
+        f"- Command: `{r.get('command') or 'lcmkit distill (from the Python API)'}`",
+        f"- Data: `{r.get('data', {}).get('source', cfg['data']['data'])}`, resolution {cfg['data']['resolution']}",
+        f"- {r['steps']} steps, batch {cfg['train']['batch_size']} x {r.get('num_processes', 1)} process(es), "
+        f"learning rate {cfg['optim']['learning_rate']}, w in [{cfg['lcd']['w_min']}, {cfg['lcd']['w_max']}], "
+        f"{cfg['lcd']['num_ddim_timesteps']} DDIM timesteps, {cfg['lcd']['loss']} loss",
+        f"- Time: {r.get('wall_s', 0):.0f} s in all"
+        + (f", {s_step:.3f} s per step" if s_step else "")
+        + f" on {hardware} ({r.get('device', '?')}), peak RSS {r.get('peak_rss_mb', 0):.0f} MB",
+        "- Library versions: " + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()),
+        f"- The exact configuration is in `{RUN_RECORD}`.",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def write_model_card(out: Path, repo_id: str | None = None) -> Path:
+    card = model_card(out, repo_id)
+    path = Path(out) / CARD
+    tmp = path.with_name(CARD + ".tmp")
+    tmp.write_text(str(card))
+    tmp.replace(path)
+    return path
+
+
+def upload_plan(out: Path) -> dict[str, Path]:
+    """path in the repo -> local file: the card, the run record, the final weights (a full LCM's pipeline at
+    the repo's top, so `from_pretrained(repo)` loads it), kohya exports and validation grids. Never
+    checkpoints, caches, locks, logs or the online student."""
+    out = Path(out)
+    plan = {name: out / name for name in (CARD, RUN_RECORD, LORA_FILE) if (out / name).is_file()}
+    plan.update({p.name: p for p in out.glob("*_kohya.safetensors")})
+    plan.update({f"validation/{p.name}": p for p in sorted((out / "validation").glob("*.png"))})
+    pipeline = out / "pipeline"
+    if pipeline.is_dir():
+        plan.update({str(p.relative_to(pipeline)): p for p in sorted(pipeline.rglob("*")) if p.is_file()})
+    return plan
+
+
+def push(out: Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Create the repo (exist_ok) and upload the outputs of `out` in one commit. Returns the commit URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    out = Path(out)
+    if not out.is_dir():
+        raise ConfigError(f"{out} is not a folder")
+    write_model_card(out, repo_id)  # the card's snippet names the repo
+    plan = upload_plan(out)
+    if LORA_FILE not in plan and "model_index.json" not in plan:
+        raise ConfigError(f"{out} holds no final weights ({LORA_FILE} or pipeline/): nothing to push")
+    api = HfApi(token=token)
+    retry = f"then retry with: lcmkit push {out} --repo-id {repo_id}"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.create_commit(
+            repo_id=repo_id, commit_message="Upload LCM made with lcmkit",
+            operations=[CommitOperationAdd(path_in_repo=k, path_or_fileobj=str(v)) for k, v in plan.items()],
+        )  # fmt: skip
+    except Exception as e:
+        raise PushError(f"push to {repo_id} failed: {_reason(e)}; {retry}") from None
+    return str(getattr(commit, "commit_url", commit))
+
+
+def _reason(e: Exception) -> str:
+    """One line, with advice for the usual causes; never the token (huggingface_hub does not put it there)."""
+    from huggingface_hub import errors
+
+    name = type(e).__name__
+    text = (str(e).strip().splitlines() or [name])[0][:200]
+    if isinstance(e, errors.OfflineModeIsEnabled):
+        return "offline mode is on (HF_HUB_OFFLINE=1): unset it on a machine with network"
+    if isinstance(e, errors.LocalTokenNotFoundError):
+        return "not logged in: run `hf auth login` or set HF_TOKEN"
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status in (401, 403):
+        return f"the hub refused the token ({status}): log in with a token that can write to this repo"
+    if isinstance(e, OSError | ConnectionError) or "connect" in text.lower():
+        return f"no connection to the hub ({name}: {text})"
+    return f"{name}: {text}"
