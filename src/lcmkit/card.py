@@ -128,6 +128,12 @@ def model_card(out: Path, repo_id: str | None = None) -> Any:
                "drop the result into `models/loras`, sample with the LCM sampler, 4 steps, CFG 1-2."),
             "",
         ]  # fmt: skip
+    else:
+        lines += [
+            "ComfyUI / AUTOMATIC1111: write a single-file checkpoint with `lcmkit export single-file pipeline "
+            "--out lcm.safetensors`, put it into `models/checkpoints`, sample with the LCM sampler, 4 steps.",
+            "",
+        ]
     if grid:
         lines += ["## Samples", "", f"![validation grid: rows are prompts, columns step counts]({grid})", ""]
     lines += [
