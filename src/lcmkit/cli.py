@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import signal
 import sys
 from collections.abc import Callable
 
@@ -61,6 +62,20 @@ def _cache(args: argparse.Namespace) -> int:
     print(f"lcmkit: cached {index['num_samples']} samples in {len(index['shards'])} shard(s) "
           f"({summarize_skips(index['skipped'])}) in {index['seconds']:.0f} s -> {out}; "
           f"train with --data cache:{out}")  # fmt: skip
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from .config import list_presets, preset_file
+
+    if args.name:
+        print(preset_file(args.name).read_text(), end="")
+        return 0
+    for name, p in list_presets().items():
+        print(f"{name:<11} {p.get('family', '?'):<5} {p['mode']:<5} {p.get('description', '')}")
+    print(
+        "\nshow one: lcmkit presets NAME; use it: lcmkit distill --preset NAME --teacher ... (flags and --config win)"
+    )
     return 0
 
 
@@ -290,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_cache)
 
+    pr = sub.add_parser("presets", help="list the shipped distillation presets, or show one")
+    pr.add_argument("name", nargs="?")
+    pr.set_defaults(func=_presets)
+
     pu = sub.add_parser("push", help="upload a finished distill folder (weights, model card, record, grids)")
     pu.add_argument("out", help="the distill output folder")
     pu.add_argument("--repo-id", required=True, help="e.g. you/sd15-lcm-lora")
@@ -434,6 +453,8 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE") and argv is None:  # `lcmkit presets | head`: end quietly like other CLI tools
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="lcmkit: %(message)s")

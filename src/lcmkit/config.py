@@ -135,6 +135,8 @@ class TrainConfig:
 @dataclass
 class DistillConfig:
     mode: str = "lora"
+    preset: str | None = None
+    """A shipped preset (lcmkit presets): its values sit under the config file's and the flags'."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lcd: LCDConfig = field(default_factory=LCDConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -182,6 +184,7 @@ def add_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = SECTI
     parser.add_argument("--config", help="TOML file with options (flags override it)")
     if sections == SECTIONS:
         parser.add_argument("--mode", choices=["full", "lora"], default=None)
+        parser.add_argument("--preset", default=None, help="start from a shipped preset (see: lcmkit presets)")
     owner = _section_fields()
     for name, tp in _field_types().items():
         if owner[name] not in sections:
@@ -217,36 +220,70 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"option {name} = {value!r}: expected {getattr(base, '__name__', base)}") from None
 
 
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def list_presets() -> dict[str, dict[str, Any]]:
+    """name -> the preset's [preset] table (description, family) plus its mode and file."""
+    out = {}
+    for file in sorted(PRESETS_DIR.glob("*.toml")):
+        data = tomllib.loads(file.read_text())
+        out[file.stem] = {**data.get("preset", {}), "mode": data.get("mode", "lora"), "path": str(file)}
+    return out
+
+
+def preset_file(name: str) -> Path:
+    presets = list_presets()
+    if name not in presets:
+        raise ConfigError(f"--preset {name}: no such preset (choose one of {', '.join(presets)})")
+    return Path(presets[name]["path"])
+
+
+def _read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} {path} is not valid TOML: {e}") from None
+
+
+def _flatten_toml(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Sections or flat keys -> {option: value}; unknown options are errors."""
+    owner = _section_fields()
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for k, v in value.items():
+                if owner.get(k) != key:
+                    raise ConfigError(f"{where}: unknown option [{key}] {k}")
+                flat[k] = v
+        elif key in ("mode", "preset") or key in owner:
+            flat[key] = value
+        else:
+            raise ConfigError(f"{where}: unknown option {key}")
+    return flat
+
+
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> DistillConfig:
-    """Defaults, then the TOML file, then `overrides` (flat option names, None = not given)."""
+    """Defaults, then the preset (from the flags or the file), then the TOML file, then `overrides` (flat option
+    names, None = not given)."""
     cfg = DistillConfig()
     owner = _section_fields()
     types_ = _field_types()
+    given = _flatten_toml(_read_toml(path, "config file"), f"config file {path}") if path else {}
+    given.update({k: v for k, v in (overrides or {}).items() if v is not None})
     flat: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-        for key, value in data.items():
-            if key in SECTIONS and isinstance(value, dict):
-                for k, v in value.items():
-                    if owner.get(k) != key:
-                        raise ConfigError(f"config file {path}: unknown option [{key}] {k}")
-                    flat[k] = v
-            elif key == "mode" or key in owner:
-                flat[key] = value
-            else:
-                raise ConfigError(f"config file {path}: unknown option {key}")
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            flat[key] = value
+    if given.get("preset"):
+        preset = preset_file(given["preset"])
+        data = _read_toml(preset, "preset")
+        data.pop("preset", None)
+        flat.update(_flatten_toml(data, f"preset {preset}"))
+    flat.update(given)
     for key, value in flat.items():
-        if key == "mode":
-            cfg.mode = value
+        if key in ("mode", "preset"):
+            setattr(cfg, key, value)
             continue
         setattr(getattr(cfg, owner[key]), key, _coerce(key, value, types_[key]))
     return cfg

@@ -161,6 +161,11 @@ def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
     source = resolve_data(cfg.data.data, cfg.data.image_column, cfg.data.caption_column)
     out = prepare_out_dir(cfg)
     t_start = time.perf_counter()
+    if cfg.preset:  # before loading anything: the preset may name a VAE for another family
+        from .models import detect_family
+
+        family = cfg.model.family or detect_family(cfg.model.teacher, cfg.model.revision)
+        check_preset_family(cfg.preset, family, cfg.model.teacher)
     teacher = load_teacher(cfg.model)
     check_cache(source, teacher, cfg.data.resolution)
     if cfg.train.overwrite:  # only once the teacher loaded: a typo must not cost the previous run
@@ -173,6 +178,18 @@ def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
         project_dir=str(out / "logs"),
     ) as accelerator:
         return _run(cfg, teacher, source, out, accelerator, command, t_start)
+
+
+def check_preset_family(preset: str | None, family: str, teacher: str) -> None:
+    from .config import list_presets
+
+    if not preset:
+        return
+    meant = list_presets()[preset].get("family")
+    if meant and meant != family:
+        names = ", ".join(n for n, p in list_presets().items() if p.get("family") == family)
+        raise ConfigError(f"--preset {preset} is for {meant.upper()} teachers, but {teacher} is {family.upper()}: "
+                          f"use one of {names}")  # fmt: skip
 
 
 def check_cache(source: Source, teacher: Teacher, resolution: int) -> None:
