@@ -65,6 +65,29 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .sample import FewStepGenerator, parse_lora_spec
+    from .serve import serve
+
+    loras = [parse_lora_spec(s) for s in args.lora or []]
+    base = args.base
+    if not base and not args.lcm:  # the embedded default: the shipped toy teacher and its LCM-LoRA
+        assets = Path(__file__).parent / "toy" / "assets"
+        if not (assets / "teacher" / "model_index.json").is_file() or not (assets / "lcm_lora").is_dir():
+            raise ConfigError("no model given and the shipped toy teacher/LCM-LoRA are not in this build: "
+                              "pass --base MODEL --lora LCM_LORA or --lcm FULL_LCM")  # fmt: skip
+        base, loras = str(assets / "teacher"), [(str(assets / "lcm_lora"), 1.0)]
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: must be in 1..65535")
+    if args.max_connections < 1:
+        raise ConfigError(f"--max-connections {args.max_connections}: must be >= 1")
+    gen = FewStepGenerator(base, loras, args.lcm, args.scheduler, args.device, args.dtype, args.base_config)
+    serve(gen, args.host, args.port, args.max_connections, info={"model": args.lcm or base})
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     from .config import list_presets, preset_file
 
@@ -304,6 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="rebuild a finished cache")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_cache)
+
+    sv = sub.add_parser("serve", help="a real-time generation page (the image follows the prompt as you type)")
+    sv.add_argument("--base", help="base model (default with no model: the shipped toy teacher + its LCM-LoRA)")
+    sv.add_argument("--base-config", help="for a single-file base offline: a diffusers folder with its configs")
+    sv.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]", help="the LCM-LoRA (+ style LoRAs)")
+    sv.add_argument("--lcm", help="a full LCM (distill output, pipeline folder or single file)")
+    sv.add_argument("--scheduler", choices=["lcm", "tcd"], default="lcm")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
+    sv.add_argument("--port", type=int, default=7860)
+    sv.add_argument("--max-connections", type=int, default=32, help="concurrent connections before 503")
+    sv.add_argument("--device", default="auto")
+    sv.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
+    sv.set_defaults(func=_serve)
 
     pr = sub.add_parser("presets", help="list the shipped distillation presets, or show one")
     pr.add_argument("name", nargs="?")

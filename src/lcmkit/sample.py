@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -311,8 +312,10 @@ class FewStepGenerator:
         strength: float = 0.5,
         tcd_gamma: float = 0.3,
         progress: bool = False,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[Image.Image]:
-        """Image i uses a generator seeded seed + i: the same seed gives the same image in any batch."""
+        """Image i uses a generator seeded seed + i: the same seed gives the same image in any batch.
+        `should_stop`, checked after every denoising step, aborts the call with Superseded (lcmkit serve)."""
 
         from .config import ConfigError
 
@@ -343,7 +346,54 @@ class FewStepGenerator:
             kwargs.update(image=init_image.convert("RGB"), strength=strength)
         else:
             kwargs.update(width=width, height=height)
-        return run_batched(pipe, prompts, seed, batch_size, progress, **kwargs)
+        return run_batched(pipe, prompts, seed, batch_size, progress, **kwargs, **_stop_callback(should_stop))
+
+    @property
+    def has_teacher(self) -> bool:
+        """The base model without the LoRAs is the teacher (not available for a full LCM)."""
+        return not self.full and bool(self.adapters)
+
+    def teacher(
+        self,
+        prompts: list[str],
+        steps: int = 25,
+        guidance: float = 7.5,
+        seed: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        sampler: str = "dpm++",
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[Image.Image]:
+        """The same prompts from the teacher (the base, adapters off) with its usual sampler and guidance."""
+        from .config import ConfigError
+
+        if not self.has_teacher:
+            raise ConfigError("the teacher comparison needs --base with an LCM-LoRA (a full LCM has no teacher here)")
+        pipe, lcm_scheduler = self.pipe, self.pipe.scheduler
+        pipe.scheduler = teacher_scheduler(lcm_scheduler.config, sampler)
+        pipe.disable_lora()
+        try:
+            return run_batched(pipe, prompts, seed, 1, num_inference_steps=steps, guidance_scale=guidance,
+                               width=width, height=height, **_stop_callback(should_stop))  # fmt: skip
+        finally:
+            pipe.enable_lora()
+            pipe.scheduler = lcm_scheduler
+
+
+class Superseded(Exception):
+    """A newer request made this generation stale (lcmkit serve)."""
+
+
+def _stop_callback(should_stop: Callable[[], bool] | None) -> dict[str, Any]:
+    if should_stop is None:
+        return {}
+
+    def check(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        if should_stop():
+            raise Superseded
+        return tensors
+
+    return {"callback_on_step_end": check}
 
 
 def distilled_pipeline(
