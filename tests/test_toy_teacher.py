@@ -21,8 +21,11 @@ def test_teacher_recipe_trains_resumes_and_saves_a_pipeline(tmp_path):
                   checkpoint_every=2)  # fmt: skip
     train_teacher(TeacherRecipe(steps=2, **recipe), progress=False)
     assert (tmp_path / "t" / "checkpoints" / "latest").read_text().strip() == "checkpoint-00000002"
+    recipe.update(eval_every=4, eval_images=2)  # the in-training evaluation (DDIM 50 + checker) runs too
     summary = train_teacher(TeacherRecipe(steps=4, **recipe), progress=False)  # resumes at step 2
     assert summary["steps"] == 4
+    (evaluation,) = [json.loads(line) for line in (tmp_path / "t" / "eval.jsonl").read_text().splitlines()]
+    assert evaluation["step"] == 4 and 0 <= evaluation["prompt_accuracy"] <= 1 and "position" in evaluation
     log = [json.loads(line) for line in (tmp_path / "t" / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4] and all(np.isfinite(r["loss"]) for r in log)
 
