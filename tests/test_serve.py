@@ -142,3 +142,16 @@ def test_page_in_headless_chromium(server):
         page.screenshot(path=str(ARTIFACTS / "serve.png"))
         browser.close()
     assert (ARTIFACTS / "serve.png").stat().st_size > 1000
+
+
+def test_bench_serve_prints_latency_per_step_count(tiny_sd, tiny_sd_lora, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    args = ["bench", "serve", "--base", tiny_sd, "--lora", tiny_sd_lora, "--steps", "1", "2", "--repeats", "2",
+            "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| 1 |" in printed and "| 2 |" in printed
+    rows = json.loads(out.read_text())["serve"]
+    assert [r["steps"] for r in rows] == [1, 2]
+    assert all(r["median_ms"] >= r["median_generation_ms"] > 0 for r in rows)
+    assert main(["bench", "serve", "--base", tiny_sd, "--lora", tiny_sd_lora, "--steps", "9"]) == 2

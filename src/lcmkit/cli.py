@@ -8,6 +8,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from .card import PushError
 from .config import ConfigError, add_flags, load_config, validate
@@ -65,26 +66,49 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve_generator(args: argparse.Namespace) -> Any:
+    """The FewStepGenerator of serve / bench serve; no model: the shipped toy teacher and its LCM-LoRA."""
     from pathlib import Path
 
     from .sample import FewStepGenerator, parse_lora_spec
-    from .serve import serve
 
     loras = [parse_lora_spec(s) for s in args.lora or []]
     base = args.base
-    if not base and not args.lcm:  # the embedded default: the shipped toy teacher and its LCM-LoRA
+    if not base and not args.lcm:
         assets = Path(__file__).parent / "toy" / "assets"
         if not (assets / "teacher" / "model_index.json").is_file() or not (assets / "lcm_lora").is_dir():
             raise ConfigError("no model given and the shipped toy teacher/LCM-LoRA are not in this build: "
                               "pass --base MODEL --lora LCM_LORA or --lcm FULL_LCM")  # fmt: skip
         base, loras = str(assets / "teacher"), [(str(assets / "lcm_lora"), 1.0)]
+    return FewStepGenerator(base, loras, args.lcm, args.scheduler, args.device, args.dtype, args.base_config)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: must be in 1..65535")
     if args.max_connections < 1:
         raise ConfigError(f"--max-connections {args.max_connections}: must be >= 1")
-    gen = FewStepGenerator(base, loras, args.lcm, args.scheduler, args.device, args.dtype, args.base_config)
-    serve(gen, args.host, args.port, args.max_connections, info={"model": args.lcm or base})
+    serve(_serve_generator(args), args.host, args.port, args.max_connections, info={"model": args.lcm or args.base})
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .bench import machine, markdown
+    from .serve import bench_latency
+
+    if args.repeats < 1 or any(s < 1 or s > 8 for s in args.steps):
+        raise ConfigError(f"--steps {args.steps} / --repeats {args.repeats}: steps in 1..8, repeats >= 1")
+    rows = bench_latency(_serve_generator(args), args.steps, args.repeats)
+    print(markdown(["steps", "prompt-to-image median ms", "generation median ms", "repeats"],
+                   [[str(r["steps"]), f"{r['median_ms']:.1f}", f"{r['median_generation_ms']:.1f}", str(r["repeats"])]
+                    for r in rows]), end="")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "serve": rows}, indent=2) + "\n")
     return 0
 
 
@@ -306,6 +330,16 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
 
 
+def _add_serve_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", help="base model (default with no model: the shipped toy teacher + its LCM-LoRA)")
+    p.add_argument("--base-config", help="for a single-file base offline: a diffusers folder with its configs")
+    p.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]", help="the LCM-LoRA (+ style LoRAs)")
+    p.add_argument("--lcm", help="a full LCM (distill output, pipeline folder or single file)")
+    p.add_argument("--scheduler", choices=["lcm", "tcd"], default="lcm")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcmkit", description="Latent Consistency Distillation for SD / SDXL")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
@@ -329,16 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cache)
 
     sv = sub.add_parser("serve", help="a real-time generation page (the image follows the prompt as you type)")
-    sv.add_argument("--base", help="base model (default with no model: the shipped toy teacher + its LCM-LoRA)")
-    sv.add_argument("--base-config", help="for a single-file base offline: a diffusers folder with its configs")
-    sv.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]", help="the LCM-LoRA (+ style LoRAs)")
-    sv.add_argument("--lcm", help="a full LCM (distill output, pipeline folder or single file)")
-    sv.add_argument("--scheduler", choices=["lcm", "tcd"], default="lcm")
+    _add_serve_model_flags(sv)
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     sv.add_argument("--port", type=int, default=7860)
     sv.add_argument("--max-connections", type=int, default=32, help="concurrent connections before 503")
-    sv.add_argument("--device", default="auto")
-    sv.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     sv.set_defaults(func=_serve)
 
     pr = sub.add_parser("presets", help="list the shipped distillation presets, or show one")
@@ -440,6 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--prompt")
     bg.add_argument("--json", help="also write the results (machine, versions, configuration) to this file")
     bg.set_defaults(func=_bench_generate)
+
+    bs = b.add_parser("serve", help="prompt-to-image latency through lcmkit serve (median of repeats)")
+    _add_serve_model_flags(bs)
+    bs.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
+    bs.add_argument("--repeats", type=int, default=20)
+    bs.add_argument("--json", help="also write the results (with machine info) to this file")
+    bs.set_defaults(func=_bench_serve)
 
     d = sub.add_parser("demo", help="distill the shipped toy teacher and compare it with its teacher, offline")
     d.add_argument("--out", default=None, help="output folder (default runs/demo)")

@@ -145,3 +145,48 @@ def serve(
     app = create_app(generator, info)
     print(f"lcmkit serve: open http://{host}:{port}/ (Ctrl+C to stop)", flush=True)
     uvicorn.run(app, host=host, port=port, limit_concurrency=max_connections, log_level="warning")
+
+
+def bench_latency(
+    generator: FewStepGenerator, steps_list: list[int], repeats: int = 20, warmup: int = 2, prompt: str | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Prompt-to-image latency through the real server (HTTP on 127.0.0.1, PNG encoding included): per step
+    count, the median of `repeats` requests after `warmup`, each with a new prompt as when typing."""
+    import json
+    import socket
+    import statistics
+    import threading
+    import urllib.request
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(generator), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    base = prompt or "a small red circle at the top left on a white background"
+    rows = []
+    try:
+        for steps in steps_list:
+            client, server_ms = [], []
+            for i in range(warmup + repeats):
+                body = json.dumps({"prompt": f"{base} {i}", "steps": steps, "seed": i, "client": f"bench{steps}"})
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/api/generate", data=body.encode(),
+                                                 headers={"Content-Type": "application/json"})  # fmt: skip
+                start = time.perf_counter()
+                with urllib.request.urlopen(request, timeout=600) as r:
+                    r.read()
+                    latency = float(r.headers["X-Latency-Ms"])
+                if i >= warmup:
+                    client.append((time.perf_counter() - start) * 1000)
+                    server_ms.append(latency)
+            rows.append({"steps": steps, "median_ms": statistics.median(client),
+                         "median_generation_ms": statistics.median(server_ms), "repeats": repeats})  # fmt: skip
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    return rows

@@ -157,8 +157,17 @@ def prompt_accuracy_of(pipeline_dir: Path | Any, n: int, steps: int = 50, guidan
     for start in range(0, n, 50):
         batch = prompts[start : start + 50]
         g = torch.Generator().manual_seed(seed + start)
-        images.extend(pipe(batch, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
-                           generator=g, output_type="np").images)  # list += ndarray would call numpy's __radd__
+        images.extend(
+            pipe(
+                batch,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=32,
+                width=32,
+                generator=g,
+                output_type="np",
+            ).images
+        )  # list += ndarray would call numpy's __radd__
     images = [(im * 255).round().astype(np.uint8) for im in images]
     return {"prompt_accuracy": prompt_accuracy(images, prompts), **attribute_accuracy(images, prompts)}
 
