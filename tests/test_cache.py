@@ -52,6 +52,16 @@ def test_cache_holds_the_encodings(tiny_sd, tmp_path):
     torch.testing.assert_close(torch.stack([it["latent_std"] for it in cached]), dist.std, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.stack([it["hidden_states"] for it in cached]), hidden, atol=1e-5, rtol=1e-4)
     assert "cache" in resolve_data(str(out)).description  # recognised without the prefix
+    from lcmkit.info import describe
+
+    info = describe(out)
+    assert (info["kind"], info["family"], info["samples"], info["shards"], info["resolution"]) == (
+        "lcmkit cache",
+        "sd",
+        5,
+        3,
+        64,
+    )
 
 
 def test_training_from_the_cache_follows_the_raw_trajectory(tiny_sd, tmp_path):

@@ -84,6 +84,16 @@ def describe(path: str | Path) -> dict[str, Any]:
                     "time_cond_proj_dim": cfg.get("time_cond_proj_dim"),
                     "family": "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd"}  # fmt: skip
         return {"path": str(p), "kind": cfg.get("_class_name", "model folder")}
+    if (p / "cache.json").is_file() or (p / "cache.progress.json").is_file():
+        done = (p / "cache.json").is_file()
+        index = json.loads((p / ("cache.json" if done else "cache.progress.json")).read_text())
+        settings = index if done else index.get("settings", {})
+        shards = index.get("shards", [])
+        return {"path": str(p), "kind": "lcmkit cache" if done else "unfinished lcmkit cache",
+                "family": settings.get("family"), "teacher": settings.get("teacher"),
+                "resolution": settings.get("resolution"), "dtype": settings.get("dtype"),
+                "samples": sum(s["count"] for s in shards), "shards": len(shards),
+                "skipped": index.get("skipped", {})}  # fmt: skip
     if (p / "state.json").is_file() and (p / "state.safetensors").is_file():
         record = json.loads((p / "state.json").read_text())
         return {"path": str(p), "kind": "lcmkit checkpoint", "step": record.get("step"), **record.get("meta", {})}
@@ -93,4 +103,4 @@ def describe(path: str | Path) -> dict[str, Any]:
         return {"path": str(p), "kind": "lcmkit run" if run else "unfinished lcmkit run", "mode": run.get("mode"),
                 "family": run.get("family"), "steps": run.get("steps"),
                 "latest_checkpoint": latest.read_text().strip() if latest.is_file() else None}  # fmt: skip
-    raise ConfigError(f"{path}: not a LoRA, pipeline, UNet, single-file checkpoint, lcmkit run or checkpoint")
+    raise ConfigError(f"{path}: not a LoRA, pipeline, UNet, single-file checkpoint, lcmkit run, cache or checkpoint")
