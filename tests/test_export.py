@@ -101,8 +101,26 @@ def test_sdxl_kohya_export_loads_in_diffusers_to_the_same_image(tiny_sdxl, shard
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
     lora = tmp_path / "lora"
-    args = ["distill", "--teacher", tiny_sdxl, "--data", shards, "--out", str(lora), "--max-steps", "2",
-            "--batch-size", "2", "--resolution", "64", "--lora-rank", "4", "--learning-rate", "1e-2", "--no-progress"]
+    args = [
+        "distill",
+        "--teacher",
+        tiny_sdxl,
+        "--data",
+        shards,
+        "--out",
+        str(lora),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--resolution",
+        "64",
+        "--lora-rank",
+        "4",
+        "--learning-rate",
+        "1e-2",
+        "--no-progress",
+    ]
     assert main(args) == 0
 
     def pipe_with(lora_path: str | None):

@@ -22,6 +22,7 @@ from .conditioning import Conditioning, TextConditioner
 from .config import ConfigError, LCDConfig, LoraConfig, ModelConfig
 from .lcd import NoiseSchedule, guidance_scale_embedding
 from .safe_load import check_weights_folder, is_pickle, refuse_pickle, weights_file
+from .safe_load import first_line as _first_line
 
 
 def pipeline_class(family: str) -> type:
@@ -63,11 +64,6 @@ class Teacher:
     @property
     def vae_scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def looks_like_hub_id(spec: str) -> bool:

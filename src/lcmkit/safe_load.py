@@ -23,6 +23,11 @@ WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 _converted_dir: Path | None = None
 
 
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 def is_pickle(path: str | Path) -> bool:
     return Path(path).suffix.lower() in PICKLE_SUFFIXES
 
@@ -41,8 +46,9 @@ def check_safetensors(path: str | Path, what: str) -> None:
         with safe_open(str(path), "pt") as f:
             f.keys()
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{what} {path} is not a valid .safetensors file ({reason}): truncated or damaged?") from None
+        raise ConfigError(
+            f"{what} {path} is not a valid .safetensors file ({first_line(e)}): truncated or damaged?"
+        ) from None
 
 
 def load_pickle_weights(path: str | Path, what: str) -> dict[str, torch.Tensor]:
@@ -51,8 +57,9 @@ def load_pickle_weights(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{what} {path} cannot be read as plain weights (weights_only=True): {reason}") from None
+        raise ConfigError(
+            f"{what} {path} cannot be read as plain weights (weights_only=True): {first_line(e)}"
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

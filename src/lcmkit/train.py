@@ -235,8 +235,9 @@ def load_checkpoint(path: Path, objects: dict[str, Stateful]) -> dict[str, Any]:
     try:
         tensors = load_file(path / "state.safetensors")
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise TrainingError(f"checkpoint {path / 'state.safetensors'} is damaged ({reason})") from None
+        from .safe_load import first_line
+
+        raise TrainingError(f"checkpoint {path / 'state.safetensors'} is damaged ({first_line(e)})") from None
     for name, obj in objects.items():
         if name not in record["state"]:
             raise KeyError(f"checkpoint {path} has no state for {name}")
@@ -262,6 +263,7 @@ def accelerator_session(**kwargs: Any) -> Iterator[Any]:
     accelerator = Accelerator(**kwargs)
     try:
         yield accelerator
+        accelerator.wait_for_everyone()  # gloo can hang destroying a group whose peer already left
     finally:
         accelerator.end_training()
         AcceleratorState._reset_state(reset_partial_state=True)
