@@ -5,6 +5,7 @@ belongs to that configuration alone), side by side in one run.
 generate: latency per image and images/s of the distilled model at N steps against the teacher's sampler at
 M steps with guidance, end to end and UNet-only; CUDA events and GPU memory on CUDA, wall time and peak RSS
 on CPU; warm-up runs excluded, median of repeats.
+soak: a long LCM-LoRA distillation with its resident memory sampled along the way (a leak shows as growth).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -277,3 +278,102 @@ def generate_table(rows: list[dict[str, Any]]) -> str:
               str(r["unet_calls"]), f"{r['speedup_vs_teacher']:.1f}x", f"{r['peak_memory_mb']:.0f}"]
              for r in rows]  # fmt: skip
     return markdown(header, cells)
+
+
+# -- soak: memory over a long run -----------------------------------------------------------------------
+
+
+def process_rss_mb(pid: int) -> tuple[float, float]:
+    """(current, peak) resident set size of a process in MB, from /proc (Linux)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024.0
+    return fields.get("VmRSS", 0.0), fields.get("VmHWM", 0.0)
+
+
+def _last_logged_step(log_file: Path) -> int:
+    try:
+        lines = log_file.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue  # a line being written
+    return 0
+
+
+@dataclass
+class SoakBench:
+    teacher: str
+    data: str
+    steps: int = 2000
+    batch_size: int = 2
+    resolution: int = 512
+    lora_rank: int = 64
+    at_step: int = 200
+    interval_s: float = 1.0
+    checkpoint_every: int = 500
+    teacher_config: str | None = None
+    out: str | None = None
+
+    def check(self) -> None:
+        if not Path("/proc/self/status").is_file():
+            raise ConfigError("bench soak reads memory from /proc: Linux only")
+        if self.steps <= self.at_step:
+            raise ConfigError(f"--steps {self.steps}: must be above --at-step {self.at_step}")
+
+
+def bench_soak(cfg: SoakBench, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """An LCM-LoRA `lcmkit distill` in a subprocess; its RSS is sampled every `interval_s` with the step it had
+    logged. Reports the RSS when step `at_step` was reached, at the end of training, and the growth between."""
+    cfg.check()
+    samples: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="lcmkit-soak-") as tmp:
+        out = Path(cfg.out) if cfg.out else Path(tmp) / "run"
+        log_file = out / "logs" / "train_log.jsonl"
+        args = [sys.executable, "-m", "lcmkit", "distill", "--teacher", cfg.teacher, "--data", cfg.data,
+                "--out", str(out), "--overwrite", "--mode", "lora", "--max-steps", str(cfg.steps),
+                "--batch-size", str(cfg.batch_size), "--resolution", str(cfg.resolution),
+                "--lora-rank", str(cfg.lora_rank), "--checkpoint-every", str(cfg.checkpoint_every),
+                "--checkpoints-total-limit", "2", "--log-every", "10", "--no-progress",
+                *(["--teacher-config", cfg.teacher_config] if cfg.teacher_config else [])]  # fmt: skip
+        start = time.perf_counter()
+        with open(Path(tmp) / "stderr.txt", "w+") as err:
+            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+            while proc.poll() is None:
+                try:
+                    rss, peak = process_rss_mb(proc.pid)
+                except (FileNotFoundError, ProcessLookupError):
+                    break
+                sample = {"t": round(time.perf_counter() - start, 1), "step": _last_logged_step(log_file),
+                          "rss_mb": round(rss, 1), "peak_mb": round(peak, 1)}  # fmt: skip
+                samples.append(sample)
+                if progress is not None:
+                    progress(sample)
+                time.sleep(cfg.interval_s)
+            proc.wait()
+            err.seek(0)
+            last = (err.read().strip().splitlines() or ["no output"])[-1]
+        if proc.returncode != 0:
+            raise ConfigError(f"bench soak: the distill run failed: {last}")
+        record = json.loads((out / "lcmkit_run.json").read_text())
+    return soak_summary(cfg, samples, record)
+
+
+def soak_summary(cfg: SoakBench, samples: list[dict[str, float]], record: dict[str, Any]) -> dict[str, Any]:
+    after = [s for s in samples if s["step"] >= cfg.at_step]
+    training = [s for s in after if s["step"] < cfg.steps] or after
+    if not training:
+        raise ConfigError(f"bench soak: no memory sample after step {cfg.at_step} (the run was too short to sample)")
+    at, end = training[0], training[-1]
+    return {
+        "config": asdict(cfg), "machine": machine(), "samples": samples,
+        "rss_at_step_mb": at["rss_mb"], "at_step": at["step"], "rss_end_mb": end["rss_mb"], "end_step": end["step"],
+        "growth_pct": 100.0 * (end["rss_mb"] - at["rss_mb"]) / at["rss_mb"],
+        "max_rss_after_mb": max(s["rss_mb"] for s in training), "peak_rss_mb": record["peak_rss_mb"],
+        "median_s_per_step": record["median_s_per_step"], "nonfinite_steps": record.get("nonfinite_steps", 0),
+    }  # fmt: skip

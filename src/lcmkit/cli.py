@@ -14,6 +14,8 @@ from .card import PushError
 from .config import ConfigError, add_flags, load_config, validate
 
 EXIT_USAGE = 2
+EXIT_FAULT = 1
+ALLOW_PICKLE_HELP = "read pickle-based weights (.ckpt, .pt, .bin) you trust, with torch.load(weights_only=True)"
 
 
 def _distill(args: argparse.Namespace) -> int:
@@ -22,6 +24,8 @@ def _distill(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "verbose")}
     cfg = load_config(args.config, overrides)
     result = distill(cfg, command=shlex.join(["lcmkit", *sys.argv[1:]]))
+    if not result.main_process:  # one line per run, not per process
+        return 0
     t = result.train
     rate = f", {t.median_s_per_step:.3f} s/step" if t.median_s_per_step else ""
     print(f"lcmkit: {result.mode} {result.family} distillation finished: {t.steps} steps{rate}, "
@@ -192,7 +196,8 @@ def _generate(args: argparse.Namespace) -> int:
         except Exception as e:
             raise ConfigError(f"--image {args.image} is not a readable image: {e}") from None
     loras = [parse_lora_spec(s) for s in args.lora or []]
-    gen = FewStepGenerator(args.base, loras, args.lcm, args.scheduler, args.device, args.dtype, args.base_config)
+    gen = FewStepGenerator(args.base, loras, args.lcm, args.scheduler, args.device, args.dtype, args.base_config,
+                           allow_pickle=args.allow_pickle)  # fmt: skip
     expanded = [p for p in prompts for _ in range(args.num_images)]
     images = gen(
         expanded, args.negative_prompt, args.steps, args.guidance, args.seed, args.width, args.height,
@@ -212,15 +217,15 @@ def _export(args: argparse.Namespace) -> int:
     from . import export
 
     if args.format == "kohya":
-        path = export.export_kohya(args.input, args.out)
+        path = export.export_kohya(args.input, args.out, args.allow_pickle)
     elif args.format == "diffusers":
         if not args.base:
             raise ConfigError("export diffusers needs --base (the model the kohya LoRA was made for)")
-        path = export.import_kohya(args.input, args.out, args.base, args.base_config)
+        path = export.import_kohya(args.input, args.out, args.base, args.base_config, args.allow_pickle)
     elif args.format == "fused":
         if not args.base:
             raise ConfigError("export fused needs --base (the model the LoRA was made for)")
-        path = export.fuse_lora(args.base, args.input, args.out, args.base_config)
+        path = export.fuse_lora(args.base, args.input, args.out, args.base_config, allow_pickle=args.allow_pickle)
     else:
         import torch
 
@@ -258,6 +263,30 @@ def _bench_distill(args: argparse.Namespace) -> int:
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "distill": rows}, indent=2) + "\n")
+    return 0
+
+
+def _bench_soak(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import fields
+    from pathlib import Path
+
+    from .bench import SoakBench, bench_soak
+
+    given = {f.name: getattr(args, f.name) for f in fields(SoakBench) if getattr(args, f.name, None) is not None}
+    cfg = SoakBench(**given)
+
+    def show(sample: dict) -> None:
+        if args.verbose:
+            print(f"t {sample['t']:.0f} s  step {sample['step']}  RSS {sample['rss_mb']:.0f} MB", file=sys.stderr)
+
+    r = bench_soak(cfg, show)
+    print(f"lcmkit bench soak: {cfg.steps} LoRA steps, batch {cfg.batch_size}, {cfg.resolution} px: RSS "
+          f"{r['rss_at_step_mb']:.1f} MB at step {r['at_step']}, {r['rss_end_mb']:.1f} MB at step {r['end_step']}: "
+          f"{r['growth_pct']:+.2f}% (max after step {r['at_step']}: {r['max_rss_after_mb']:.1f} MB, peak "
+          f"{r['peak_rss_mb']:.1f} MB, {r['median_s_per_step']:.3f} s/step)")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
     return 0
 
 
@@ -404,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     g.add_argument("--out", default="generated")
     g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     g.set_defaults(func=_generate)
 
     e = sub.add_parser("export", help="convert outputs: kohya LoRA keys, fused pipeline, single-file checkpoint")
@@ -415,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base", help="for fused and diffusers: the base model the LoRA belongs to")
     e.add_argument("--base-config", help="with a single-file base offline: a diffusers folder with its configs")
     e.add_argument("--dtype", choices=["fp16", "fp32", "keep"], default="fp16", help="for single-file")
+    e.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     e.set_defaults(func=_export)
 
     i = sub.add_parser("info", help="say what a file or folder is (LoRA, pipeline, UNet, checkpoint, run)")
@@ -475,6 +506,23 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--repeats", type=int, default=20)
     bs.add_argument("--json", help="also write the results (with machine info) to this file")
     bs.set_defaults(func=_bench_serve)
+
+    bsk = b.add_parser("soak", help="memory over a long LCM-LoRA run: RSS after --at-step vs at the end",
+                      description="Runs lcmkit distill (LoRA) in a subprocess and samples its resident memory; "
+                      "a leak shows as growth between step --at-step and the end.")  # fmt: skip
+    bsk.add_argument("--teacher", required=True, help="any teacher distill takes (e.g. the toy teacher folder)")
+    bsk.add_argument("--teacher-config")
+    bsk.add_argument("--data", required=True)
+    bsk.add_argument("--steps", type=int, default=2000)
+    bsk.add_argument("--batch-size", type=int, default=2)
+    bsk.add_argument("--resolution", type=int, default=512)
+    bsk.add_argument("--lora-rank", type=int, default=64)
+    bsk.add_argument("--at-step", type=int, default=200, help="the reference point for growth")
+    bsk.add_argument("--interval-s", type=float, default=1.0, help="seconds between memory samples")
+    bsk.add_argument("--checkpoint-every", type=int, default=500)
+    bsk.add_argument("--out", help="keep the run here (default: a temporary folder)")
+    bsk.add_argument("--json", help="also write every sample and the summary to this file")
+    bsk.set_defaults(func=_bench_soak)
 
     d = sub.add_parser("demo", help="distill the shipped toy teacher and compare it with its teacher, offline")
     d.add_argument("--out", default=None, help="output folder (default runs/demo)")
@@ -542,12 +590,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lcmkit: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # data errors raised inside the run
+    except Exception as e:  # faults raised inside the run: one line each (-v shows the traceback)
         from .data import DataError
+        from .train import PeerFailed, TrainingError, os_error_text
 
-        if isinstance(e, DataError):
-            print(f"lcmkit: error: {e}", file=sys.stderr)
-            return EXIT_USAGE
+        if isinstance(e, PeerFailed):  # the process that failed has said why
+            return EXIT_FAULT
+        if isinstance(e, (DataError, TrainingError, OSError)) and not args.verbose:
+            text = os_error_text(e) if isinstance(e, OSError) else str(e)
+            print(f"lcmkit: error: {text}", file=sys.stderr)
+            return EXIT_USAGE if isinstance(e, DataError) else EXIT_FAULT
         raise
 
 

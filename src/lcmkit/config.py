@@ -41,6 +41,8 @@ class ModelConfig:
     """For a single-file teacher: a diffusers folder or hub id holding the matching configs."""
     family: str | None = None
     """sd or sdxl; detected from the teacher when not given."""
+    allow_pickle: bool = False
+    """Read pickle-based weights (.ckpt, .pt, .bin) at all; even then only with torch.load(weights_only=True)."""
 
 
 @dataclass
@@ -130,6 +132,8 @@ class TrainConfig:
     hub_model_id: str | None = None
     """The repo for --push-to-hub (default: the --out folder's name under your account)."""
     hub_private: bool = False
+    max_nonfinite_steps: int = 10
+    """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
 
 
 @dataclass
@@ -330,6 +334,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ConfigError(f"--attention {tr.attention!r}: choose sdpa or default")
     if tr.report_to not in ("none", "tensorboard", "wandb"):
         raise ConfigError(f"--report-to {tr.report_to!r}: choose tensorboard, wandb or none")
+    if tr.max_nonfinite_steps < 1:
+        raise ConfigError(f"--max-nonfinite-steps {tr.max_nonfinite_steps}: must be >= 1")
     if tr.checkpoint_every < 0 or tr.validation_every < 0:
         raise ConfigError("--checkpoint-every and --validation-every must be >= 0 (0 turns them off)")
     if tr.validation_every and not tr.validation_prompts:

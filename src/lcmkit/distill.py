@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -17,6 +20,7 @@ import torch
 from .config import ConfigError, DistillConfig, validate
 from .data import ImageTransform, SampleStream, SkipTally, Source, make_dataloader, resolve_data, summarize_skips
 from .lcd import LCDSettings, lcd_loss
+from .lock import RunLock
 from .models import LCDModels, Teacher, build_lcd_models, load_teacher, save_full_lcm, save_lora
 from .sample import generate, image_grid, lcm_pipeline
 from .train import (
@@ -27,6 +31,7 @@ from .train import (
     TrainResult,
     accelerator_session,
     find_checkpoint,
+    on_main,
 )
 
 log = logging.getLogger(__name__)
@@ -44,6 +49,7 @@ class DistillResult:
     family: str
     train: TrainResult
     peak_rss_mb: float
+    main_process: bool = True
 
 
 def prepare_out_dir(cfg: DistillConfig) -> Path:
@@ -166,18 +172,46 @@ def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
 
         family = cfg.model.family or detect_family(cfg.model.teacher, cfg.model.revision)
         check_preset_family(cfg.preset, family, cfg.model.teacher)
-    teacher = load_teacher(cfg.model)
-    check_cache(source, teacher, cfg.data.resolution)
-    if cfg.train.overwrite:  # only once the teacher loaded: a typo must not cost the previous run
-        clear_outputs(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    with accelerator_session(
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
-        project_dir=str(out / "logs"),
-    ) as accelerator:
+    with (
+        accelerator_session(
+            mixed_precision=cfg.train.mixed_precision,
+            log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
+            project_dir=str(out / "logs"),
+        ) as accelerator,
+        run_lock(out, accelerator, command),
+    ):
+        teacher = load_teacher(cfg.model)
+        check_cache(source, teacher, cfg.data.resolution)
+        if cfg.train.overwrite:  # only once the teacher loaded: a typo must not cost the previous run
+            on_main(accelerator, lambda: clear_outputs(out))
+        accelerator.wait_for_everyone()
         return _run(cfg, teacher, source, out, accelerator, command, t_start)
+
+
+@contextmanager
+def run_lock(out: Path, accelerator: Any, command: str) -> Iterator[None]:
+    """One run per --out (the main process holds the lock); other processes of this run only log errors."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes == 1:
+        if os.environ.get("RANK", "0") != "0":
+            from .train import PeerFailed
+
+            raise PeerFailed("not the first process")
+        raise ConfigError(f"started as one of {world} processes, but accelerate set up no process group: on a "
+                          "CPU-only machine launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+                          f"--num_processes {world} -m lcmkit distill ...")  # fmt: skip
+    lock = RunLock(out, command)
+    package_log = logging.getLogger("lcmkit")
+    level = package_log.level
+    if not accelerator.is_main_process:  # warnings once, from the main process
+        package_log.setLevel(logging.ERROR)
+    on_main(accelerator, lock.acquire)
+    try:
+        yield
+    finally:
+        if accelerator.is_main_process:
+            lock.release()
+        package_log.setLevel(level)
 
 
 def check_preset_family(preset: str | None, family: str, teacher: str) -> None:
@@ -307,6 +341,7 @@ def _run(
             out_dir=out, max_steps=cfg.train.max_steps, batch_size=cfg.train.batch_size,
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
             max_grad_norm=cfg.optim.max_grad_norm, checkpoint_every=cfg.train.checkpoint_every,
+            max_nonfinite_steps=cfg.train.max_nonfinite_steps,
             checkpoints_total_limit=cfg.train.checkpoints_total_limit, log_every=cfg.train.log_every,
             callback_every=cfg.train.validation_every if validator else 0, progress=cfg.train.progress,
             description=f"distill {cfg.mode}",
@@ -320,7 +355,7 @@ def _run(
     if cfg.train.resume:
         try:
             resumed = trainer.resume(cfg.train.resume)
-        except (FileNotFoundError, KeyError) as e:
+        except (FileNotFoundError, KeyError, ConfigError) as e:
             raise ConfigError(f"--resume {cfg.train.resume}: {e}") from None
         if not resumed:
             log.warning("--resume latest: no checkpoint in %s yet, starting from step 0", out)
@@ -330,7 +365,8 @@ def _run(
         log.warning("data: %s", summarize_skips(skipped))
 
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+
+    def finish() -> None:
         _save_outputs(cfg, teacher, models, out, accelerator)
         if validator is not None and (not cfg.train.validation_every or result.steps % cfg.train.validation_every):
             validator(result.steps)
@@ -340,6 +376,7 @@ def _run(
             "command": command, "config": cfg.to_dict(), "versions": versions(),
             "steps": result.steps, "median_s_per_step": result.median_s_per_step,
             "samples_per_s": result.samples_per_s, "final_loss": result.final_loss,
+            "nonfinite_steps": result.nonfinite_steps,
             "wall_s": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(),
             "device": str(device), "num_processes": accelerator.num_processes,
             "data": {"source": source.description, "skipped": skipped, "released": released},
@@ -355,7 +392,9 @@ def _run(
             from .card import push
 
             push(out, cfg.train.hub_model_id or out.resolve().name, cfg.train.hub_private)
-    return DistillResult(out, cfg.mode, teacher.family, result, peak_rss_mb())
+
+    on_main(accelerator, finish)
+    return DistillResult(out, cfg.mode, teacher.family, result, peak_rss_mb(), accelerator.is_main_process)
 
 
 def _gather_skips(counts: dict[str, int], accelerator: Any) -> dict[str, int]:

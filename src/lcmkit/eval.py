@@ -202,8 +202,10 @@ def inception_features(path: str, device: str = "auto") -> Callable[[list[Image.
         raise ConfigError("--inception needs torchvision (pip install torchvision)") from None
     from safetensors.torch import load_file
 
+    from .safe_load import check_safetensors
     from .sample import pick_device
 
+    check_safetensors(path, "--inception")
     device = pick_device(device)
     net = inception_v3(weights=None, aux_logits=True, init_weights=False)
     try:

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError
+from .safe_load import weights_file
 from .sample import lora_file
 
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
@@ -50,9 +51,9 @@ def diffusers_to_kohya(state: dict[str, torch.Tensor], alpha: float | None = Non
     return out
 
 
-def export_kohya(lora: str | Path, out: str | Path) -> Path:
+def export_kohya(lora: str | Path, out: str | Path, allow_pickle: bool = False) -> Path:
     """A diffusers LCM-LoRA file -> one kohya-style .safetensors (ComfyUI / AUTOMATIC1111)."""
-    src = lora_file(lora)
+    src = lora_file(lora, allow_pickle)
     with safe_open(str(src), "pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
         alpha = _adapter_alpha(f.metadata())
@@ -64,7 +65,9 @@ def export_kohya(lora: str | Path, out: str | Path) -> Path:
     return dst
 
 
-def import_kohya(lora: str | Path, out: str | Path, base: str, base_config: str | None = None) -> Path:
+def import_kohya(
+    lora: str | Path, out: str | Path, base: str, base_config: str | None = None, allow_pickle: bool = False
+) -> Path:
     """A kohya/webui LoRA -> diffusers' pytorch_lora_weights.safetensors, through diffusers' own kohya reader:
     the LoRA is loaded into `base`, then saved with peft names and its alphas in the metadata."""
     from peft.utils import get_peft_model_state_dict
@@ -74,13 +77,14 @@ def import_kohya(lora: str | Path, out: str | Path, base: str, base_config: str 
     from .sample import lcm_pipeline
 
     src = Path(lora).expanduser()
-    if not src.is_file() or src.suffix != ".safetensors":
+    if not src.is_file():
         raise ConfigError(f"{lora} is not a .safetensors LoRA file")
+    src = weights_file(src, "LoRA", allow_pickle)
     with safe_open(str(src), "pt") as f:
         modules = {k.split(".")[0] for k in f.keys() if k.startswith("lora_unet_")}
     if not modules:
         raise ConfigError(f"{lora} has no kohya UNet keys (lora_unet_...)")
-    teacher = load_teacher(ModelConfig(teacher=base, teacher_config=base_config))
+    teacher = load_teacher(ModelConfig(teacher=base, teacher_config=base_config, allow_pickle=allow_pickle))
     pipe = lcm_pipeline(teacher, teacher.unet)
     try:
         pipe.load_lora_weights(str(src.parent), weight_name=src.name, adapter_name="lcm")
@@ -101,12 +105,18 @@ def import_kohya(lora: str | Path, out: str | Path, base: str, base_config: str 
 
 
 def fuse_lora(
-    base: str, lora: str | Path, out: str | Path, base_config: str | None = None, weight: float = 1.0
+    base: str,
+    lora: str | Path,
+    out: str | Path,
+    base_config: str | None = None,
+    weight: float = 1.0,
+    allow_pickle: bool = False,
 ) -> Path:
     """Base + LCM-LoRA fused into a standalone pipeline folder with LCMScheduler."""
     from .sample import FewStepGenerator
 
-    gen = FewStepGenerator(base=base, loras=[(str(lora), weight)], base_config=base_config, device="cpu", dtype="fp32")
+    gen = FewStepGenerator(base=base, loras=[(str(lora), weight)], base_config=base_config, device="cpu", dtype="fp32",
+                           allow_pickle=allow_pickle)  # fmt: skip
     pipe: Any = gen.pipe
     pipe.fuse_lora(lora_scale=1.0)
     pipe.unload_lora_weights()

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from .conditioning import Conditioning, TextConditioner
 from .config import ConfigError, LCDConfig, LoraConfig, ModelConfig
 from .lcd import NoiseSchedule, guidance_scale_embedding
-
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+from .safe_load import check_weights_folder, is_pickle, refuse_pickle, weights_file
+from .safe_load import first_line as _first_line
 
 
 def pipeline_class(family: str) -> type:
@@ -66,11 +66,6 @@ class Teacher:
         return float(self.vae.config.scaling_factor)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 def looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~")) and not os.path.exists(spec)
@@ -105,29 +100,39 @@ def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teache
     """Load the teacher pipeline's components (no safety checker)."""
     spec = cfg.teacher
     path = Path(spec).expanduser()
-    if path.suffix in PICKLE_SUFFIXES:
-        raise ConfigError(f"teacher {spec} is a pickle-based file: convert it to .safetensors (pickle runs code)")
+    if is_pickle(path) and not cfg.allow_pickle:
+        raise refuse_pickle(spec, "teacher")
     if not path.exists() and not looks_like_hub_id(spec):
         raise ConfigError(f"teacher {spec} does not exist (give a diffusers folder, a .safetensors file or a hub id)")
-    if path.is_file() and path.suffix != ".safetensors":
-        raise ConfigError(f"teacher {spec} is not a .safetensors file or a diffusers folder")
+    if path.is_file():  # checked (or, allowed, unpickled without code) before anyone reads it
+        path = weights_file(path, "teacher", cfg.allow_pickle)
+    elif path.is_dir():
+        check_weights_folder(path, "teacher", cfg.allow_pickle)
     try:
-        family = cfg.family or detect_family(spec, cfg.revision)
+        family = cfg.family or detect_family(str(path) if path.is_file() else spec, cfg.revision)
     except ConfigError:
         raise
     except Exception as e:
         raise ConfigError(f"could not read teacher {spec}: {_first_line(e)}") from None
     cls = pipeline_class(family)
+    # Without --allow-pickle, diffusers and transformers may read safetensors only (also from the hub).
+    safetensors_only = None if cfg.allow_pickle else True
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
     if family == "sd":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if cfg.vae:
         from diffusers import AutoencoderKL
 
-        vae_path = Path(cfg.vae)
+        vae_path = Path(cfg.vae).expanduser()
         sub = "vae" if (vae_path / "vae").is_dir() else None
+        if vae_path.is_dir():
+            check_weights_folder(vae_path, "--vae", cfg.allow_pickle)
+        elif vae_path.is_file():
+            raise ConfigError(f"--vae {cfg.vae}: give a diffusers VAE folder (or a hub id), not a single file")
         try:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(cfg.vae, subfolder=sub, torch_dtype=dtype)
+            kwargs["vae"] = AutoencoderKL.from_pretrained(
+                cfg.vae, subfolder=sub, torch_dtype=dtype, use_safetensors=safetensors_only
+            )
         except Exception as e:
             raise ConfigError(f"could not load --vae {cfg.vae}: {_first_line(e)}") from None
     try:
@@ -138,7 +143,9 @@ def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teache
         elif path.is_file():  # configs come from the hub
             pipe = cls.from_single_file(str(path), **kwargs)
         else:
-            pipe = cls.from_pretrained(spec, revision=cfg.revision, variant=cfg.variant, **kwargs)
+            pipe = cls.from_pretrained(
+                spec, revision=cfg.revision, variant=cfg.variant, use_safetensors=safetensors_only, **kwargs
+            )
     except Exception as e:
         raise ConfigError(f"could not load teacher {spec}: {_first_line(e)}") from None
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])

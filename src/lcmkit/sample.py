@@ -178,8 +178,10 @@ def check_lora_matches(unet: torch.nn.Module, path: str | Path, family: str) -> 
                               f"the LoRA has {targets[name][1]}): it was made for another family")  # fmt: skip
 
 
-def lora_file(path: str | Path) -> Path:
+def lora_file(path: str | Path, allow_pickle: bool = False) -> Path:
+    """The checked .safetensors file of a LoRA file or folder (a pickle one, when allowed, converted)."""
     from .config import ConfigError
+    from .safe_load import weights_file
 
     p = Path(path).expanduser()
     if p.is_dir():
@@ -187,9 +189,7 @@ def lora_file(path: str | Path) -> Path:
     if not p.is_file():
         raise ConfigError(f"LoRA {path} does not exist (give a .safetensors file or a folder holding "
                           "pytorch_lora_weights.safetensors)")  # fmt: skip
-    if p.suffix != ".safetensors":
-        raise ConfigError(f"LoRA {path} is not a .safetensors file (pickle-based files are refused)")
-    return p
+    return weights_file(p, "LoRA", allow_pickle)
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
@@ -219,6 +219,7 @@ class FewStepGenerator:
         dtype: str = "auto",
         base_config: str | None = None,
         num_ddim_timesteps: int = 50,
+        allow_pickle: bool = False,
     ):
         from .config import ConfigError, ModelConfig
         from .models import load_teacher
@@ -232,14 +233,14 @@ class FewStepGenerator:
         self.dtype = pick_dtype(dtype, self.device)
         self.full = lcm is not None
         if lcm is not None:
-            self.pipe, self.family = self._load_full(lcm, base_config)
+            self.pipe, self.family = self._load_full(lcm, base_config, allow_pickle)
         else:
-            teacher = load_teacher(ModelConfig(teacher=base, teacher_config=base_config))
+            teacher = load_teacher(ModelConfig(teacher=base, teacher_config=base_config, allow_pickle=allow_pickle))
             self.family = teacher.family
             self.pipe = lcm_pipeline(teacher, teacher.unet, num_ddim_timesteps)
         self.adapters: list[tuple[str, float]] = []
         for i, (path, weight) in enumerate(loras):
-            file = lora_file(path)
+            file = lora_file(path, allow_pickle)
             check_lora_matches(self.pipe.unet, file, self.family)
             name = f"lora{i}"
             self.pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
@@ -252,17 +253,17 @@ class FewStepGenerator:
         self._img2img: Any = None
 
     @staticmethod
-    def _load_full(lcm: str, config: str | None = None) -> tuple[Any, str]:
+    def _load_full(lcm: str, config: str | None = None, allow_pickle: bool = False) -> tuple[Any, str]:
         """A full LCM: a distill output folder, its pipeline/ folder, or a single .safetensors file written by
         `lcmkit export single-file` (with `config`, a diffusers folder or hub id holding the configs)."""
         from diffusers import DiffusionPipeline
 
         from .config import ConfigError
+        from .safe_load import check_weights_folder, weights_file
 
         folder = Path(lcm).expanduser()
         if folder.is_file():
-            if folder.suffix != ".safetensors":
-                raise ConfigError(f"--lcm {lcm}: a single-file LCM must be a .safetensors file")
+            folder = weights_file(folder, "--lcm", allow_pickle)
             if not config:
                 raise ConfigError(f"--lcm {lcm} is a single file: pass --base-config (a diffusers folder or hub id "
                                   "of the same architecture) for its configs")  # fmt: skip
@@ -278,7 +279,10 @@ class FewStepGenerator:
             if not (folder / "model_index.json").is_file():
                 raise ConfigError(f"--lcm {lcm}: not a full LCM (a pipeline folder, pipeline/ inside a distill "
                                   "output, or a single .safetensors file)")  # fmt: skip
-            pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+            check_weights_folder(folder, "--lcm", allow_pickle)
+            pipe = DiffusionPipeline.from_pretrained(
+                folder, torch_dtype=torch.float32, use_safetensors=None if allow_pickle else True
+            )
         if getattr(pipe.unet.config, "time_cond_proj_dim", None) is None:
             raise ConfigError(f"--lcm {lcm}: its UNet has no guidance input (time_cond_proj_dim): not a full LCM")
         family = "sdxl" if hasattr(pipe, "text_encoder_2") else "sd"

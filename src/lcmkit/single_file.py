@@ -284,6 +284,9 @@ def _load_components(folder: Path) -> dict[str, Any]:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ValueError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    from .safe_load import check_weights_folder
+
+    check_weights_folder(folder, "pipeline")
     index = json.loads(index_file.read_text())
     parts: dict[str, Any] = {"_class_name": index.get("_class_name", "")}
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -291,7 +294,7 @@ def _load_components(folder: Path) -> dict[str, Any]:
         if not entry or entry[0] is None:
             continue
         cls = getattr(importlib.import_module(entry[0]), entry[1])
-        parts[name] = cls.from_pretrained(str(folder), subfolder=name)
+        parts[name] = cls.from_pretrained(str(folder), subfolder=name, use_safetensors=True)
     sched = folder / "scheduler" / "scheduler_config.json"
     parts["scheduler_config"] = json.loads(sched.read_text()) if sched.is_file() else {}
     return parts

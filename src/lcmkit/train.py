@@ -3,7 +3,16 @@ logging, periodic callbacks. It knows nothing of LCD: it minimises whatever `los
 
 Checkpoints hold no pickle: tensors go to safetensors and the rest (optimizer hyperparameters, RNG
 states, step) to JSON. Each is written under a temporary name and renamed, then `latest` is
-replaced atomically, so a killed run never points at a half-written checkpoint.
+replaced atomically, so a killed run never points at a half-written checkpoint; a failed write (full disk,
+permissions) removes its temporary folder and leaves the previous checkpoint as it was.
+
+A step whose loss or gradients are not finite is skipped (no optimizer step, no EMA update) and counted; all
+processes agree on it. After `max_nonfinite_steps` such steps in a row the run stops with TrainingError.
+
+Test hooks (environment variables read only by the test suite's subprocesses; unset in normal use):
+LCMKIT_TEST_INJECT_NAN_AT_STEP="3,5@1" makes the loss NaN at step 3 (every process) and step 5 (process 1 only);
+LCMKIT_TEST_PAUSE_IN_CHECKPOINT_AT_STEP=4 sleeps inside checkpoint 4's write, between writing its files and
+renaming its folder, so that a test can kill the process in the middle of a checkpoint write.
 """
 
 from __future__ import annotations
@@ -29,6 +38,51 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+NAN_HOOK = "LCMKIT_TEST_INJECT_NAN_AT_STEP"
+PAUSE_HOOK = "LCMKIT_TEST_PAUSE_IN_CHECKPOINT_AT_STEP"
+
+
+class TrainingError(RuntimeError):
+    """A fault that stops a run (non-finite steps, a failed checkpoint write, a damaged checkpoint): one line."""
+
+
+class PeerFailed(TrainingError):
+    """Another process of a multi-process run failed (and reported it); this one stops without a message."""
+
+
+def os_error_text(e: OSError) -> str:
+    """'No space left on device: /path' from an OSError (or its message when it has no errno)."""
+    what = e.strerror or str(e) or type(e).__name__
+    return f"{what}: {e.filename}" if e.filename else what
+
+
+def _hook_steps(name: str, rank: int) -> set[int]:
+    steps = set()
+    for item in filter(None, os.environ.get(name, "").split(",")):
+        step, _, only_rank = item.partition("@")
+        if not only_rank or int(only_rank) == rank:
+            steps.add(int(step))
+    return steps
+
+
+def on_main(accelerator: Any, fn: Callable[[], Any]) -> Any:
+    """fn() on the main process only. An exception there is re-raised there and, as PeerFailed, on every other
+    process, so that none of them waits forever at the next collective operation."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([None if error is None else str(error)])[0]
+        if message is not None and error is None:
+            raise PeerFailed(message)
+    if error is not None:
+        raise error
+    return result
 
 
 class Stateful(Protocol):
@@ -129,19 +183,27 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(folder: Path, step: int, objects: dict[str, Stateful], meta: dict[str, Any]) -> Path:
-    """Write checkpoint-<step> atomically and point `latest` at it."""
+    """Write checkpoint-<step> atomically and point `latest` at it. On failure the temporary folder is removed
+    and the error raised; `latest` and the checkpoints before it are untouched."""
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".checkpoint-*.tmp-*"):  # left by a killed run (one run per folder: the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     final = folder / f"checkpoint-{step:08d}"
     tmp = folder / f".checkpoint-{step:08d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    tensors: dict[str, torch.Tensor] = {}
-    structure = {name: _flatten(obj.state_dict(), name, tensors) for name, obj in objects.items()}
-    save_file(tensors, tmp / "state.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "meta": meta, "state": structure}))
-    for f in tmp.iterdir():
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
+    try:
+        tmp.mkdir()
+        tensors: dict[str, torch.Tensor] = {}
+        structure = {name: _flatten(obj.state_dict(), name, tensors) for name, obj in objects.items()}
+        save_file(tensors, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "meta": meta, "state": structure}))
+        for f in tmp.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        if step in _hook_steps(PAUSE_HOOK, 0):
+            time.sleep(60)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -166,8 +228,16 @@ def find_checkpoint(out_dir: Path, spec: str) -> Path | None:
 
 
 def load_checkpoint(path: Path, objects: dict[str, Stateful]) -> dict[str, Any]:
-    record = json.loads((path / "state.json").read_text())
-    tensors = load_file(path / "state.safetensors")
+    try:
+        record = json.loads((path / "state.json").read_text())
+    except ValueError as e:
+        raise TrainingError(f"checkpoint {path / 'state.json'} is damaged (not valid JSON: {e})") from None
+    try:
+        tensors = load_file(path / "state.safetensors")
+    except Exception as e:
+        from .safe_load import first_line
+
+        raise TrainingError(f"checkpoint {path / 'state.safetensors'} is damaged ({first_line(e)})") from None
     for name, obj in objects.items():
         if name not in record["state"]:
             raise KeyError(f"checkpoint {path} has no state for {name}")
@@ -193,6 +263,7 @@ def accelerator_session(**kwargs: Any) -> Iterator[Any]:
     accelerator = Accelerator(**kwargs)
     try:
         yield accelerator
+        accelerator.wait_for_everyone()  # gloo can hang destroying a group whose peer already left
     finally:
         accelerator.end_training()
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -214,6 +285,7 @@ class TrainerSettings:
     callback_every: int = 0
     progress: bool = True
     description: str = "training"
+    max_nonfinite_steps: int = 10
 
 
 @dataclass
@@ -224,6 +296,7 @@ class TrainResult:
     samples_per_s: float | None
     final_loss: float | None
     wall_s: float
+    nonfinite_steps: int = 0
 
 
 class Trainer:
@@ -260,6 +333,8 @@ class Trainer:
         self.callback = callback
         self.meta = meta or {}
         self.step = 0
+        self.nonfinite_steps = 0
+        self._nan_steps = _hook_steps(NAN_HOOK, accelerator.process_index)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
     @property
@@ -273,17 +348,39 @@ class Trainer:
             return False
         record = load_checkpoint(path, self.state)
         self.step = int(record["step"])
+        self.nonfinite_steps = int(record.get("meta", {}).get("nonfinite_steps", 0))
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
-    def save(self) -> Path | None:
-        self.accelerator.wait_for_everyone()
-        path = None
-        if self.accelerator.is_main_process:
-            path = save_checkpoint(self.checkpoint_folder, self.step, self.state, self.meta)
-            prune_checkpoints(self.checkpoint_folder, self.settings.checkpoints_total_limit)
-        self.accelerator.wait_for_everyone()
+    def last_checkpoint(self) -> str:
+        pointer = self.checkpoint_folder / "latest"
+        return str(self.checkpoint_folder / pointer.read_text().strip()) if pointer.is_file() else "none written yet"
+
+    def _write_checkpoint(self) -> Path:
+        try:
+            path = save_checkpoint(
+                self.checkpoint_folder, self.step, self.state, {**self.meta, "nonfinite_steps": self.nonfinite_steps}
+            )
+        except OSError as e:
+            raise TrainingError(
+                f"could not write the step {self.step} checkpoint in {self.checkpoint_folder} ({os_error_text(e)}); "
+                f"the previous checkpoint is intact ({self.last_checkpoint()}): free space or fix permissions, then "
+                "continue with --resume latest"
+            ) from None
+        prune_checkpoints(self.checkpoint_folder, self.settings.checkpoints_total_limit)
         return path
+
+    def save(self) -> Path | None:
+        """Main process writes; a failure stops every process with one message."""
+        self.accelerator.wait_for_everyone()
+        return on_main(self.accelerator, self._write_checkpoint)
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Loss and gradients finite on every process (all agree, so all skip or all step)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        checks = [torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads]
+        bad = (~torch.stack(checks).all()).float().to(self.accelerator.device)
+        return float(self.accelerator.reduce(bad, "sum")) == 0
 
     def _batches(self) -> Iterator[Any]:
         it = iter(self.dataloader)
@@ -310,6 +407,7 @@ class Trainer:
                    disable=not (s.progress and acc.is_local_main_process))  # fmt: skip
         step_times: list[float] = []
         loss_value = None
+        in_a_row = 0
         self.model.train()
         while self.step < s.max_steps:
             t0 = time.perf_counter()
@@ -320,19 +418,37 @@ class Trainer:
                 sync = acc.no_sync(self.model) if micro < accum - 1 else nullcontext()
                 with sync, acc.autocast():
                     loss, logs = self.loss_fn(batch)
+                    if self.step + 1 in self._nan_steps:  # test hook, see the module docstring
+                        loss = loss * float("nan")
                     acc.backward(loss / accum)
                 total_loss += loss.detach() / accum
-            if s.max_grad_norm:
-                acc.clip_grad_norm_(self.params, s.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
+            finite = self._all_finite(total_loss)
+            if finite:
+                if s.max_grad_norm:
+                    acc.clip_grad_norm_(self.params, s.max_grad_norm)
+                self.optimizer.step()
+            self.lr_scheduler.step()  # the schedule stays a function of the step, skipped or not
             self.optimizer.zero_grad(set_to_none=True)
-            if self.on_step_end is not None:
+            if finite and self.on_step_end is not None:
                 self.on_step_end()
             self.step += 1
             step_times.append(time.perf_counter() - t0)
 
-            if self.step % s.log_every == 0 or self.step == s.max_steps:
+            in_a_row = 0 if finite else in_a_row + 1
+            if not finite:
+                self.nonfinite_steps += 1
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in all)",
+                            self.step, in_a_row, self.nonfinite_steps)  # fmt: skip
+                self._log({"nonfinite": True, "nonfinite_steps": self.nonfinite_steps})
+                if in_a_row >= s.max_nonfinite_steps:
+                    bar.close()
+                    raise TrainingError(
+                        f"{in_a_row} consecutive steps with a non-finite loss or gradient (steps "
+                        f"{self.step - in_a_row + 1}-{self.step}, all skipped): stopped at step {self.step}; the last "
+                        f"good checkpoint is intact ({self.last_checkpoint()}): lower --learning-rate or check the "
+                        "data, then continue with --resume latest"
+                    )
+            elif self.step % s.log_every == 0 or self.step == s.max_steps:
                 loss_value = float(acc.reduce(total_loss, "mean"))
                 lr = self.lr_scheduler.get_last_lr()[0]
                 rate = samples_per_step / statistics.median(step_times[-20:])
@@ -342,7 +458,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2g}", samples_s=f"{rate:.1f}")
             bar.update(1)
             if s.checkpoint_every and self.step % s.checkpoint_every == 0:
-                self.save()
+                if finite:
+                    self.save()
+                else:
+                    log.warning("step %d: no checkpoint after a skipped non-finite step", self.step)
             if self.callback is not None and s.callback_every and self.step % s.callback_every == 0:
                 if acc.is_main_process:
                     self.callback(self.step)
@@ -353,5 +472,5 @@ class Trainer:
         return TrainResult(
             steps=self.step, start_step=start_step, median_s_per_step=median,
             samples_per_s=samples_per_step / median if median else None, final_loss=loss_value,
-            wall_s=time.perf_counter() - t_start,
+            wall_s=time.perf_counter() - t_start, nonfinite_steps=self.nonfinite_steps,
         )  # fmt: skip

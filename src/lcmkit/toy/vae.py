@@ -148,7 +148,7 @@ def load_checkpoint(ckpt_dir: Path, vae: AutoencoderKL, optimizer, scheduler) ->
     latest = json.loads(latest_path.read_text())
     step = int(latest["step"])
     vae.load_state_dict(load_file(str(ckpt_dir / f"model-{step}.safetensors")))
-    state = torch.load(ckpt_dir / f"state-{step}.pt", weights_only=False)
+    state = torch.load(ckpt_dir / f"state-{step}.pt", weights_only=True)  # optimizer/scheduler state: no code
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return step, float(latest["elapsed_s"])
