@@ -168,16 +168,30 @@ def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
         check_preset_family(cfg.preset, family, cfg.model.teacher)
     teacher = load_teacher(cfg.model)
     check_cache(source, teacher, cfg.data.resolution)
-    if cfg.train.overwrite:  # only once the teacher loaded: a typo must not cost the previous run
-        clear_outputs(out)
-    out.mkdir(parents=True, exist_ok=True)
 
     with accelerator_session(
         mixed_precision=cfg.train.mixed_precision,
         log_with=None if cfg.train.report_to == "none" else cfg.train.report_to,
         project_dir=str(out / "logs"),
     ) as accelerator:
+        check_process_group(accelerator.num_processes)
+        if cfg.train.overwrite:  # only once the teacher loaded: a typo must not cost the previous run
+            clear_outputs(out)
+        out.mkdir(parents=True, exist_ok=True)
         return _run(cfg, teacher, source, out, accelerator, command, t_start)
+
+
+def check_process_group(num_processes: int) -> None:
+    """A launcher started several processes (WORLD_SIZE) but accelerate joined none of them (e.g. --multi_gpu where
+    no GPU is visible): each would train alone into the same --out."""
+    import os
+
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and num_processes == 1:
+        raise ConfigError(f"launched as {launched} processes, but accelerate joined them into no process group "
+                          "(no GPU visible to it?): each would train alone into the same --out. Check "
+                          "CUDA_VISIBLE_DEVICES and the accelerate config; on CPUs set "
+                          "ACCELERATE_USE_CPU=1")  # fmt: skip
 
 
 def check_preset_family(preset: str | None, family: str, teacher: str) -> None:
