@@ -115,3 +115,18 @@ def test_8bit_adam_without_bitsandbytes(capsys, tiny_sd, shards, tmp_path):
         pass
     code, err = run(capsys, *base(tiny_sd, shards, tmp_path / "o"), "--use-8bit-adam")
     assert code == 2 and "bitsandbytes" in err and not (tmp_path / "o").exists()
+
+
+def test_processes_that_accelerate_did_not_join_are_refused(capsys, tiny_sd, shards, tmp_path, monkeypatch):
+    # `accelerate launch --multi_gpu` where no GPU is visible: WORLD_SIZE=2, yet every process trains alone.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("LOCAL_RANK", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    code, err = run(capsys, *base(tiny_sd, shards, tmp_path / "o"))
+    assert (
+        code == 2
+        and "started as one of 2 processes" in err
+        and "ACCELERATE_USE_CPU" in err
+        and len(err.splitlines()) == 1
+    )
+    assert not (tmp_path / "o").exists()

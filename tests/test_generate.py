@@ -139,3 +139,19 @@ def test_refusals(tiny_sd, tiny_sdxl, sd_lora, sdxl_lora, tmp_path, capsys):
         main(["generate", "--base", tiny_sdxl, "--lora", sd_lora, "--prompt", "x", "--out", str(tmp_path / "o2")]) == 2
     )
     assert "another" in capsys.readouterr().err
+
+
+def test_kohya_loras_stack_and_are_checked(tiny_sd, tiny_sdxl, sd_lora, sdxl_lora, tmp_path, capsys):
+    # Style LoRAs from model sites are kohya files: generate reads them through diffusers' converter.
+    sd_kohya, xl_kohya = tmp_path / "sd_kohya.safetensors", tmp_path / "xl_kohya.safetensors"
+    assert main(["export", "kohya", sd_lora, "--out", str(sd_kohya)]) == 0
+    assert main(["export", "kohya", sdxl_lora, "--out", str(xl_kohya)]) == 0
+    kw = dict(steps=2, seed=3, width=64, height=64)
+    once = FewStepGenerator(base=tiny_sd, loras=[(sd_lora, 1.0)])(["a red square"], **kw)
+    as_kohya = FewStepGenerator(base=tiny_sd, loras=[(str(sd_kohya), 1.0)])(["a red square"], **kw)
+    np.testing.assert_allclose(arr(as_kohya), arr(once), atol=1.0)
+    capsys.readouterr()
+    out = str(tmp_path / "o")
+    assert main(["generate", "--base", tiny_sd, "--lora", sd_lora, "--lora", f"{xl_kohya}:0.8", "--prompt", "x",
+                 "--out", out]) == 2  # fmt: skip
+    assert "another family" in capsys.readouterr().err

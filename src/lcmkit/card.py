@@ -123,15 +123,18 @@ def model_card(out: Path, repo_id: str | None = None) -> Any:
     if lora:
         lines += [
             "ComfyUI / AUTOMATIC1111: "
-            + (f"drop `{kohya[0]}` into `models/loras` and sample with the LCM sampler, 4 steps, CFG 1-2."
+            + (f"drop `{kohya[0]}` into `models/loras` (ComfyUI) or `models/Lora` (AUTOMATIC1111) and sample "
+               "with the LCM sampler, 4 steps, CFG 1-2."
                if kohya else f"convert with `lcmkit export kohya {LORA_FILE} --out lcm_lora_kohya.safetensors`, "
-               "drop the result into `models/loras`, sample with the LCM sampler, 4 steps, CFG 1-2."),
+               "drop the result into `models/loras` (ComfyUI) or `models/Lora` (AUTOMATIC1111), sample with the "
+               "LCM sampler, 4 steps, CFG 1-2."),
             "",
         ]  # fmt: skip
     else:
         lines += [
             "ComfyUI / AUTOMATIC1111: write a single-file checkpoint with `lcmkit export single-file pipeline "
-            "--out lcm.safetensors`, put it into `models/checkpoints`, sample with the LCM sampler, 4 steps.",
+            "--out lcm.safetensors`, put it into `models/checkpoints` (ComfyUI) or `models/Stable-diffusion` "
+            "(AUTOMATIC1111), sample with the LCM sampler, 4 steps.",
             "",
         ]
     if grid:

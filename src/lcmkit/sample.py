@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -141,18 +142,30 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
-def lora_target_modules(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """UNet module name -> shape of its LoRA down (A) weight, read from a diffusers/peft LoRA file."""
+def lora_target_modules(path: str | Path, family: str = "sd") -> dict[str, tuple[int, ...]]:
+    """UNet module name -> shape of its LoRA down (A) weight, read from a diffusers/peft LoRA file, or from a
+    kohya/webui file through diffusers' own converter (the one load_lora_weights uses)."""
     from safetensors import safe_open
 
-    targets: dict[str, tuple[int, ...]] = {}
     with safe_open(str(path), "pt") as f:
-        for key in f.keys():
-            for marker in (".lora_A.weight", ".lora.down.weight", ".lora_A.default.weight"):
-                if key.endswith(marker):
-                    name = key[: -len(marker)]
-                    name = name.removeprefix("unet.").removeprefix("base_model.model.")
-                    targets[name] = tuple(f.get_slice(key).get_shape())
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in shapes):
+        try:
+            state, _ = pipeline_class(family).lora_state_dict(str(path))
+        except Exception:  # not a LoRA diffusers can read: reported as matching nothing
+            state = {}
+        # its attention keys come in the old attention-processor naming: attn1.processor.to_k_lora.down.weight
+        processor = re.compile(r"\.processor\.(to_[qkv]|to_out)_lora\.(down|up)\.weight$")
+        shapes = {
+            processor.sub(lambda m: f".{m[1]}{'.0' * (m[1] == 'to_out')}.lora.{m[2]}.weight", key): tuple(value.shape)
+            for key, value in state.items()
+        }
+    targets: dict[str, tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        for marker in (".lora_A.weight", ".lora.down.weight", ".lora_A.default.weight"):
+            if key.endswith(marker) and not key.startswith("text_encoder"):
+                name = key[: -len(marker)]
+                targets[name.removeprefix("unet.").removeprefix("base_model.model.")] = shape
     return targets
 
 
@@ -160,10 +173,9 @@ def check_lora_matches(unet: torch.nn.Module, path: str | Path, family: str) -> 
     """Refuse a LoRA that matches no UNet module, or one made for another base (shapes differ)."""
     from .config import ConfigError
 
-    targets = lora_target_modules(path)
+    targets = lora_target_modules(path, family)
     if not targets:
-        raise ConfigError(f"LoRA {path} has no diffusers/peft LoRA weights (lora_A/lora.down keys); "
-                          "convert a kohya file with lcmkit export first")  # fmt: skip
+        raise ConfigError(f"LoRA {path} has no UNet LoRA weights (diffusers/peft lora_A or kohya lora_unet_ keys)")
     modules = dict(unet.named_modules())
     matched = [n for n in targets if n in modules]
     if not matched:
