@@ -77,8 +77,8 @@ def test_training_from_the_cache_follows_the_raw_trajectory(tiny_sd, tmp_path):
     assert cached == pytest.approx(raw, rel=1e-4)
     a = load_file(tmp_path / "raw" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "cached" / "pytorch_lora_weights.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    for key in a:  # Adam moves every weight by ~lr per step: a near-zero gradient may flip sign between runs
+        torch.testing.assert_close(a[key], b[key], atol=3e-4, rtol=0)
 
 
 def test_a_cache_that_does_not_match_is_refused(tiny_sd, tiny_sdxl, tmp_path, capsys):
@@ -110,7 +110,7 @@ def test_sdxl_cache_trains(tiny_sdxl, tmp_path):
     assert (run / "validation" / "step-00000001.png").is_file()
 
 
-def test_interrupted_cache_resumes_after_its_last_shard(tiny_sd, tmp_path, monkeypatch):
+def test_interrupted_cache_resumes_after_its_last_shard(tiny_sd, tmp_path, monkeypatch, capsys):
     import lcmkit.data.cache as cache_mod
 
     root = make_folder(tmp_path / "f", "jsonl")
@@ -124,8 +124,8 @@ def test_interrupted_cache_resumes_after_its_last_shard(tiny_sd, tmp_path, monke
         real_save(path, tensors, captions)
 
     monkeypatch.setattr(cache_mod, "_save_shard", failing)
-    with pytest.raises(OSError, match="injected"):
-        cache_cli(tiny_sd, f"folder:{root}", tmp_path / "part", "--shard-size", "2")
+    assert cache_cli(tiny_sd, f"folder:{root}", tmp_path / "part", "--shard-size", "2") == 1  # one line, no traceback
+    assert "disk full (injected)" in capsys.readouterr().err
     assert not (tmp_path / "part" / "cache.json").exists()
     assert sorted(p.name for p in (tmp_path / "part").glob("shard-*")) == ["shard-00000.safetensors"]
     monkeypatch.setattr(cache_mod, "_save_shard", real_save)
