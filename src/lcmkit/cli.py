@@ -99,8 +99,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
 
     from .bench import machine, markdown
     from .serve import bench_latency
@@ -111,8 +109,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
     print(markdown(["steps", "prompt-to-image median ms", "generation median ms", "repeats"],
                    [[str(r["steps"]), f"{r['median_ms']:.1f}", f"{r['median_generation_ms']:.1f}", str(r["repeats"])]
                     for r in rows]), end="")  # fmt: skip
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "serve": rows}, indent=2) + "\n")
+    _write_json(args.json, {"machine": machine(), "serve": rows})
     return 0
 
 
@@ -253,23 +250,18 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _bench_distill(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
 
     from .bench import bench_distill, machine, table
 
     rows = bench_distill(args.teacher, args.data, args.modes, args.steps, args.batch_size, args.resolution,
                          args.lora_rank, teacher_config=args.teacher_config, cache=args.cache)  # fmt: skip
     print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "distill": rows}, indent=2) + "\n")
+    _write_json(args.json, {"machine": machine(), "distill": rows})
     return 0
 
 
 def _bench_soak(args: argparse.Namespace) -> int:
-    import json
     from dataclasses import fields
-    from pathlib import Path
 
     from .bench import SoakBench, bench_soak
 
@@ -285,8 +277,7 @@ def _bench_soak(args: argparse.Namespace) -> int:
           f"{r['rss_at_step_mb']:.1f} MB at step {r['at_step']}, {r['rss_end_mb']:.1f} MB at step {r['end_step']}: "
           f"{r['growth_pct']:+.2f}% (max after step {r['at_step']}: {r['max_rss_after_mb']:.1f} MB, peak "
           f"{r['peak_rss_mb']:.1f} MB, {r['median_s_per_step']:.3f} s/step)")  # fmt: skip
-    if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
+    _write_json(args.json, r)
     return 0
 
 
@@ -327,9 +318,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _bench_generate(args: argparse.Namespace) -> int:
-    import json
     from dataclasses import fields
-    from pathlib import Path
 
     from .bench import GenerateBench, bench_generate, generate_table
 
@@ -340,9 +329,17 @@ def _bench_generate(args: argparse.Namespace) -> int:
     print(f"machine: {m.get('gpu') or m['processor']}, {m['cpus']} CPUs ({m['threads']} threads), torch {m['torch']}, "
           f"diffusers {m['diffusers']}; {record['config']['device']} {record['config']['dtype']}, median of "
           f"{args.repeats} after {args.warmup} warm-up")  # fmt: skip
-    if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    _write_json(args.json, record)
     return 0
+
+
+def _write_json(path: str | None, data: Any) -> None:
+    """--json FILE of the bench commands: the results, indented."""
+    if path:
+        import json
+        from pathlib import Path
+
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
