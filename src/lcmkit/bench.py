@@ -11,6 +11,7 @@ soak: a long LCM-LoRA distillation with its resident memory sampled along the wa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def machine() -> dict[str, Any]:
@@ -47,13 +50,36 @@ def _run_lcmkit(args: list[str], what: str) -> None:
 
 
 def bench_distill(
-    teacher: str, data: str, modes: list[str], steps: int, batch_size: int, resolution: int, lora_rank: int,
-    extra: list[str] | None = None, teacher_config: str | None = None, cache: bool = False,
+    teacher: str | None, data: str | None, modes: list[str], steps: int, batch_size: int, resolution: int,
+    lora_rank: int, extra: list[str] | None = None, teacher_config: str | None = None, cache: bool = False,
+    arch: str | None = None, profile: bool = False,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Run `lcmkit distill` once per mode (and per data kind: raw, and from an lcmkit cache of the same data when
-    `cache`) in a subprocess; the first step (warm-up) is excluded from medians."""
+    `cache`) in a subprocess; the first step (warm-up) is excluded from medians. `arch` builds that public
+    architecture with random weights (and, without `data`, a small synthetic image folder) in a temporary folder.
+    `profile` adds the time per phase of the step (see --profile-steps)."""
     if steps < 3:
         raise ConfigError(f"--steps {steps}: use at least 3 (the first step is warm-up)")
+    if (teacher is None) == (arch is None):
+        raise ConfigError("bench distill: give either --teacher or --arch")
+    if data is None and arch is None:
+        raise ConfigError("bench distill: --data is needed with --teacher")
+    with tempfile.TemporaryDirectory(prefix="lcmkit-bench-arch-") as arch_dir:
+        if arch is not None:
+            from .archs import build_sd15, synthetic_images
+
+            log.info("bench: building the %s architecture with random weights in %s", arch, arch_dir)
+            teacher = str(build_sd15(Path(arch_dir) / arch))
+            data = data or synthetic_images(Path(arch_dir) / "images", n=max(8, batch_size * 4), size=resolution)
+        extra = [*(extra or []), *(["--profile-steps", str(steps - 1)] if profile else [])]
+        return _bench_distill_runs(teacher, data, modes, steps, batch_size, resolution, lora_rank, extra,
+                                   teacher_config, cache)  # fmt: skip
+
+
+def _bench_distill_runs(
+    teacher: str, data: str, modes: list[str], steps: int, batch_size: int, resolution: int, lora_rank: int,
+    extra: list[str], teacher_config: str | None, cache: bool,
+) -> list[dict[str, Any]]:  # fmt: skip
     rows = []
     model_args = ["--teacher", teacher] + (["--teacher-config", teacher_config] if teacher_config else [])
     with tempfile.TemporaryDirectory(prefix="lcmkit-bench-cache-") as cache_dir:
@@ -74,11 +100,14 @@ def bench_distill(
                                  "--resolution", str(resolution), "--lora-rank", str(lora_rank),
                                  "--checkpoint-every", "0", "--no-progress", *(extra or [])], mode)  # fmt: skip
                     record = json.loads((Path(tmp) / "lcmkit_run.json").read_text())
+                    profile_file = Path(tmp) / "profile.json"
+                    profile = json.loads(profile_file.read_text()) if profile_file.is_file() else None
                 rows.append({
                     "mode": mode, "data": kind, "steps": steps, "batch_size": batch_size, "resolution": resolution,
                     "median_s_per_step": record["median_s_per_step"], "samples_per_s": record["samples_per_s"],
                     "peak_rss_mb": record["peak_rss_mb"], "wall_s": time.perf_counter() - start,
                     **({"cache_build_s": cache_s} if kind == "cache" else {}),
+                    **({"profile": profile} if profile else {}),
                 })  # fmt: skip
     return rows
 
@@ -95,7 +124,17 @@ def table(rows: list[dict[str, Any]]) -> str:
     cells = [[r["mode"], r.get("data", "raw"), str(r["batch_size"]), str(r["resolution"]),
               f"{r['median_s_per_step']:.3f}", f"{r['samples_per_s']:.1f}", f"{r['peak_rss_mb']:.0f}"]
              for r in rows]  # fmt: skip
-    return markdown(header, cells)
+    text = markdown(header, cells)
+    for r in rows:
+        if "profile" in r:
+            p = r["profile"]
+            phases = [[name, f"{ms:.1f}", f"{100 * ms / p['ms_per_step']:.0f}%"] for name, ms in p["phases_ms"].items()]
+            phases.append(
+                ["(unlabelled)", f"{p['unlabelled_ms']:.1f}", f"{100 * p['unlabelled_ms'] / p['ms_per_step']:.0f}%"]
+            )
+            text += f"\nwhere a step goes: {r['mode']}, {r.get('data', 'raw')} ({p['ms_per_step']:.1f} ms/step over "
+            text += f"{p['steps']} profiled steps)\n" + markdown(["phase", "ms/step", "share"], phases)
+    return text
 
 
 # -- generation latency ------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .archs import ARCHS
 from .card import PushError
 from .config import ConfigError, add_flags, load_config, validate
 
@@ -254,7 +255,8 @@ def _bench_distill(args: argparse.Namespace) -> int:
     from .bench import bench_distill, machine, table
 
     rows = bench_distill(args.teacher, args.data, args.modes, args.steps, args.batch_size, args.resolution,
-                         args.lora_rank, teacher_config=args.teacher_config, cache=args.cache)  # fmt: skip
+                         args.lora_rank, shlex.split(args.distill_args), teacher_config=args.teacher_config,
+                         cache=args.cache, arch=args.arch, profile=args.profile)  # fmt: skip
     print(table(rows))
     _write_json(args.json, {"machine": machine(), "distill": rows})
     return 0
@@ -472,15 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
         dest="bench_command", required=True
     )
     bd = b.add_parser("distill", help="s/step, samples/s and peak RSS per mode, each in its own process")
-    bd.add_argument("--teacher", required=True)
+    bd.add_argument("--teacher", help="the teacher to distill (or --arch)")
+    bd.add_argument("--arch", choices=ARCHS, help="build this public architecture with random weights instead")
     bd.add_argument("--teacher-config")
-    bd.add_argument("--data", required=True)
+    bd.add_argument("--data", help="training data (with --arch, default: a few synthetic images)")
     bd.add_argument("--modes", nargs="+", choices=["lora", "full"], default=["lora", "full"])
     bd.add_argument("--steps", type=int, default=20)
     bd.add_argument("--batch-size", type=int, default=4)
     bd.add_argument("--resolution", type=int, default=512)
     bd.add_argument("--lora-rank", type=int, default=64)
     bd.add_argument("--cache", action="store_true", help="also run each mode from an lcmkit cache of --data")
+    bd.add_argument("--profile", action="store_true", help="also break each step down by phase (torch.profiler)")
+    bd.add_argument("--distill-args", default="", help="extra distill flags, e.g. '--gradient-checkpointing'")
     bd.add_argument("--json", help="also write the results (with machine info) to this file")
     bd.set_defaults(func=_bench_distill)
     bg = b.add_parser("generate", help="latency per image and images/s: distilled model vs teacher sampler",

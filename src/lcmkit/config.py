@@ -81,6 +81,8 @@ class OptimConfig:
     adam_weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     use_8bit_adam: bool = False
+    fused_adam: bool = True
+    """torch's fused AdamW kernel where it has one (CPU and CUDA): the same update, one kernel for all tensors."""
 
 
 @dataclass
@@ -118,6 +120,8 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     attention: str = "sdpa"
+    cpu_conv: str = "auto"
+    """CPU convolution kernels: onednn, native (faster for tiny models) or auto (native below 50M parameters)."""
     seed: int = 0
     checkpoint_every: int = 500
     checkpoints_total_limit: int | None = None
@@ -134,6 +138,8 @@ class TrainConfig:
     hub_private: bool = False
     max_nonfinite_steps: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
+    profile_steps: int = 0
+    """Profile this many steps after the first and write the time per phase to <out>/profile.json."""
 
 
 @dataclass
@@ -330,10 +336,14 @@ def validate(cfg: DistillConfig) -> DistillConfig:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(tr, name)}: must be >= 1")
     if tr.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"--mixed-precision {tr.mixed_precision!r}: choose no, fp16 or bf16")
+    if tr.cpu_conv not in ("auto", "onednn", "native"):
+        raise ConfigError(f"--cpu-conv {tr.cpu_conv!r}: choose auto, onednn or native")
     if tr.attention not in ("sdpa", "default"):
         raise ConfigError(f"--attention {tr.attention!r}: choose sdpa or default")
     if tr.report_to not in ("none", "tensorboard", "wandb"):
         raise ConfigError(f"--report-to {tr.report_to!r}: choose tensorboard, wandb or none")
+    if tr.profile_steps < 0:
+        raise ConfigError(f"--profile-steps {tr.profile_steps}: must be >= 0")
     if tr.max_nonfinite_steps < 1:
         raise ConfigError(f"--max-nonfinite-steps {tr.max_nonfinite_steps}: must be >= 1")
     if tr.checkpoint_every < 0 or tr.validation_every < 0:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 
 class UNetFn(Protocol):
@@ -170,13 +171,15 @@ def lcd_loss(
     z_n_plus_k = alpha_nk * z0 + sigma_nk * eps
 
     # Student: f_theta(z_{n+k}, t_{n+k}, c, w), with gradients.
-    f_student = consistency_function(
-        student(z_n_plus_k, t_n_plus_k, cond, w), z_n_plus_k, t_n_plus_k, schedule, settings
-    )
+    with record_function("lcd/student_forward"):
+        f_student = consistency_function(
+            student(z_n_plus_k, t_n_plus_k, cond, w), z_n_plus_k, t_n_plus_k, schedule, settings
+        )
 
     with torch.no_grad():
         # Teacher: ONE forward over [cond; uncond], then guided x0 and eps, then one DDIM step to t_n.
-        out = teacher(torch.cat([z_n_plus_k, z_n_plus_k]), torch.cat([t_n_plus_k, t_n_plus_k]), cond.cat(uncond))
+        with record_function("lcd/teacher"):
+            out = teacher(torch.cat([z_n_plus_k, z_n_plus_k]), torch.cat([t_n_plus_k, t_n_plus_k]), cond.cat(uncond))
         out_cond, out_uncond = out.float().chunk(2)
         pt = settings.prediction_type
         x0_c = predicted_origin(out_cond, z_n_plus_k, alpha_nk, sigma_nk, pt)
@@ -189,7 +192,8 @@ def lcd_loss(
         z_n = ddim_step(x0_guided, eps_guided, alpha_n, sigma_n)
 
         # Target: f_theta-(z_n, t_n, c, w) (EMA for full LCD, the student itself for LoRA).
-        f_target = consistency_function(target(z_n, t_n, cond, w), z_n, t_n, schedule, settings)
+        with record_function("lcd/target"):
+            f_target = consistency_function(target(z_n, t_n, cond, w), z_n, t_n, schedule, settings)
 
     if settings.loss == "l2":
         loss = torch.nn.functional.mse_loss(f_student, f_target)

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
@@ -272,6 +273,48 @@ def accelerator_session(**kwargs: Any) -> Iterator[Any]:
 # -- the loop ---------------------------------------------------------------------------------------
 
 
+PROFILE_FILE = "profile.json"
+
+
+class StepProfiler:
+    """torch.profiler over a few steps, summarised by the record_function labels of the step's phases
+    ("train/data", "train/backward", ... and whatever the loss function labels): milliseconds per step."""
+
+    def __init__(self, steps: int, cuda: bool):
+        self.steps, self.cuda, self.running = steps, cuda, False
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self._prof = profile(activities=activities)
+        self._prof.__enter__()
+        self.running = True
+
+    def stop(self, step_times: list[float], path: Path, write: bool) -> dict[str, Any]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._prof.__exit__(None, None, None)
+        self.running = False
+        n = max(len(step_times), 1)
+        phases = {
+            e.key: e.cpu_time_total / 1000 / n
+            for e in self._prof.key_averages()
+            if "/" in e.key and e.key.split("/")[0] in ("train", "lcd")
+        }
+        step_ms = 1000 * sum(step_times) / n
+        summary = {
+            "steps": len(step_times),
+            "ms_per_step": step_ms,
+            "phases_ms": dict(sorted(phases.items(), key=lambda kv: -kv[1])),
+            "unlabelled_ms": step_ms - sum(phases.values()),
+            "note": "wall-clock ms per step under the profiler (which adds some overhead); phases do not overlap",
+        }
+        if write:
+            atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
 @dataclass
 class TrainerSettings:
     out_dir: Path
@@ -286,6 +329,8 @@ class TrainerSettings:
     progress: bool = True
     description: str = "training"
     max_nonfinite_steps: int = 10
+    profile_steps: int = 0
+    """Profile this many steps after the first (warm-up) one; the breakdown goes to out_dir/profile.json."""
 
 
 @dataclass
@@ -375,11 +420,20 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return on_main(self.accelerator, self._write_checkpoint)
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Loss and gradients finite on every process (all agree, so all skip or all step)."""
+    def _grad_norm(self) -> torch.Tensor:
+        """Total gradient norm; clips to max_grad_norm when set. Non-finite iff some gradient is."""
+        if self.settings.max_grad_norm:
+            norm = self.accelerator.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+            if norm is not None:  # DeepSpeed may not report it
+                return torch.as_tensor(norm)
+        else:
+            self.accelerator.unscale_gradients()
         grads = [p.grad for p in self.params if p.grad is not None]
-        checks = [torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads]
-        bad = (~torch.stack(checks).all()).float().to(self.accelerator.device)
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+    def _all_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Loss and gradients finite on every process (all agree, so all skip or all step)."""
+        bad = (~torch.isfinite(loss + grad_norm.to(loss.device))).float().to(self.accelerator.device)
         return float(self.accelerator.reduce(bad, "sum")) == 0
 
     def _batches(self) -> Iterator[Any]:
@@ -409,28 +463,33 @@ class Trainer:
         loss_value = None
         in_a_row = 0
         self.model.train()
+        profiler = StepProfiler(s.profile_steps, acc.device.type == "cuda") if s.profile_steps else None
         while self.step < s.max_steps:
+            if profiler is not None and self.step == start_step + 1:
+                profiler.start()
             t0 = time.perf_counter()
             total_loss = torch.zeros((), device=acc.device)
             logs: dict[str, Any] = {}
             for micro in range(accum):
-                batch = next(batches)
+                with record_function("train/data"):
+                    batch = next(batches)
                 sync = acc.no_sync(self.model) if micro < accum - 1 else nullcontext()
                 with sync, acc.autocast():
                     loss, logs = self.loss_fn(batch)
                     if self.step + 1 in self._nan_steps:  # test hook, see the module docstring
                         loss = loss * float("nan")
-                    acc.backward(loss / accum)
+                    with record_function("train/backward"):
+                        acc.backward(loss / accum)
                 total_loss += loss.detach() / accum
-            finite = self._all_finite(total_loss)
-            if finite:
-                if s.max_grad_norm:
-                    acc.clip_grad_norm_(self.params, s.max_grad_norm)
-                self.optimizer.step()
-            self.lr_scheduler.step()  # the schedule stays a function of the step, skipped or not
-            self.optimizer.zero_grad(set_to_none=True)
+            with record_function("train/optimizer"):
+                finite = self._all_finite(total_loss, self._grad_norm())  # clipped when finite
+                if finite or getattr(acc, "scaler", None) is not None:
+                    self.optimizer.step()  # an fp16 loss scaler skips an overflowing update itself and lowers its scale
+                self.lr_scheduler.step()  # the schedule stays a function of the step, skipped or not
+                self.optimizer.zero_grad(set_to_none=True)
             if finite and self.on_step_end is not None:
-                self.on_step_end()
+                with record_function("train/on_step_end"):
+                    self.on_step_end()
             self.step += 1
             step_times.append(time.perf_counter() - t0)
 
@@ -466,6 +525,10 @@ class Trainer:
                 if acc.is_main_process:
                     self.callback(self.step)
                 acc.wait_for_everyone()
+            if profiler is not None and profiler.running and self.step == start_step + 1 + s.profile_steps:
+                profiler.stop(step_times[-s.profile_steps :], s.out_dir / PROFILE_FILE, acc.is_main_process)
+        if profiler is not None and profiler.running:
+            profiler.stop(step_times[1:], s.out_dir / PROFILE_FILE, acc.is_main_process)
         bar.close()
         timed = step_times[1:] or step_times  # the first step pays for warm-up
         median = statistics.median(timed) if timed else None
