@@ -81,6 +81,9 @@ class OptimConfig:
     adam_weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     use_8bit_adam: bool = False
+    optimizer: str = "adamw"
+    """adamw, or adafactor (torch's: factored second moments, no first moment; a fraction of AdamW's state,
+    for full LCD of large UNets in little memory)."""
     fused_adam: bool = True
     """torch's fused AdamW kernel where it has one (CPU and CUDA): the same update, one kernel for all tensors."""
 
@@ -336,6 +339,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(tr, name)}: must be >= 1")
     if tr.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"--mixed-precision {tr.mixed_precision!r}: choose no, fp16 or bf16")
+    if cfg.optim.optimizer not in ("adamw", "adafactor"):
+        raise ConfigError(f"--optimizer {cfg.optim.optimizer!r}: choose adamw or adafactor")
     if tr.cpu_conv not in ("auto", "onednn", "native"):
         raise ConfigError(f"--cpu-conv {tr.cpu_conv!r}: choose auto, onednn or native")
     if tr.attention not in ("sdpa", "default"):

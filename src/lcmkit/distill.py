@@ -88,6 +88,8 @@ def clear_outputs(out: Path) -> None:
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: DistillConfig) -> torch.optim.Optimizer:
     o = cfg.optim
+    if o.optimizer == "adafactor":
+        return torch.optim.Adafactor(params, lr=o.learning_rate, weight_decay=o.adam_weight_decay)
     kwargs = dict(lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
                   weight_decay=o.adam_weight_decay)  # fmt: skip
     if o.use_8bit_adam:

@@ -222,8 +222,12 @@ class LCDModels:
         if self.target_unet is None:
             return
         target = list(self.target_unet.parameters())
-        online = [p.to(t.dtype) for p, t in zip(self.student_unet.parameters(), target)]
-        torch._foreach_lerp_(target, online, 1.0 - self.ema_decay)
+        online = list(self.student_unet.parameters())
+        if target[0].dtype == online[0].dtype:
+            torch._foreach_lerp_(target, online, 1.0 - self.ema_decay)
+            return
+        for t, p in zip(target, online):  # a half-precision target: the update in fp32, one tensor at a time
+            t.copy_(t.float().lerp_(p.float(), 1.0 - self.ema_decay))
 
     def checkpoint_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"student": TrainableState(self.student_unet)}
@@ -268,7 +272,7 @@ def build_lcd_models(
     if mode == "full":
         student = make_full_student(teacher.unet, lcd.guidance_embed_dim).float()
         student.requires_grad_(True).train()
-        target = copy.deepcopy(student).requires_grad_(False)
+        target = copy.deepcopy(student).requires_grad_(False).to(frozen_dtype)  # updated in fp32: update_ema
         teacher.unet.to(frozen_dtype)
         return LCDModels("full", student, target, teacher.unet, lcd.guidance_embed_dim, lcd.ema_decay)
     unet = teacher.unet.to(device=device, dtype=frozen_dtype)
