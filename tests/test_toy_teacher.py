@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from lcmkit.toy.teacher import TeacherRecipe, train_teacher
 from lcmkit.toy.vae import build_toy_vae
@@ -28,6 +29,15 @@ def test_teacher_recipe_trains_resumes_and_saves_a_pipeline(tmp_path):
     assert evaluation["step"] == 4 and 0 <= evaluation["prompt_accuracy"] <= 1 and "position" in evaluation
     log = [json.loads(line) for line in (tmp_path / "t" / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4] and all(np.isfinite(r["loss"]) for r in log)
+
+    # the text encoder stays at its initialisation (the default recipe), the UNet learns
+    def weights(step: int, part: str) -> dict[str, torch.Tensor]:
+        state = load_file(tmp_path / "t" / "checkpoints" / f"checkpoint-{step:08d}" / "state.safetensors")
+        return {k: v for k, v in state.items() if k.startswith(f"model.{part}.")}
+
+    for part, changed in (("text_encoder", False), ("unet", True)):
+        before, after = weights(2, part), weights(4, part)
+        assert before and any(not torch.equal(before[k], after[k]) for k in before) == changed, part
 
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "t" / "teacher", torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)

@@ -51,6 +51,12 @@ class TeacherRecipe:
     """Std of a per-channel constant added to the noise. The toy's 16x16 latents carry their background in the
     mean, and at t=999 that mean survives the SD schedule about as strongly as plain noise's mean: trained without
     this, the teacher read the background from the starting noise and ignored the prompt (50% at step 4000)."""
+    train_text_encoder: bool = False
+    """False: the CLIP text encoder keeps its seeded random initialisation and only the UNet learns. Trained jointly
+    (run teacher3, 6,200 steps), the encoder collapsed 'left' and 'right' to the same output (relative difference
+    0.02 against 0.23 at initialisation) while top/bottom survived only through their token counts: position stayed
+    at chance between left and right (63%). A frozen random encoder keeps every token distinct, and its outputs are
+    computed once per caption, which also makes a step ~20% cheaper."""
     num_train_images: int = 20000
     seed: int = 0
     checkpoint_every: int = 200
@@ -114,6 +120,22 @@ class LatentBatches:
                 idx = order[start : start + self.batch_size]
                 yield {"mean": self.mean[idx], "std": self.std[idx], "ids": self.ids[idx]}
             epoch += 1
+
+
+class FrozenTextCache:
+    """The frozen text encoder's last hidden states, computed once per distinct token sequence."""
+
+    def __init__(self, text_encoder: nn.Module, ids: torch.Tensor):
+        self.keys = torch.unique(ids, dim=0)
+        with torch.no_grad():
+            self.hidden = torch.cat([text_encoder(chunk)[0] for chunk in self.keys.split(256)])
+        self.index = {tuple(row.tolist()): i for i, row in enumerate(self.keys)}
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = [self.index.get(tuple(row.tolist())) for row in ids]
+        if any(r is None for r in rows):
+            raise KeyError("a token sequence outside the cached training captions")
+        return self.hidden[torch.tensor(rows)]
 
 
 @torch.no_grad()
@@ -205,8 +227,13 @@ def train_teacher(recipe: TeacherRecipe, resume: bool = True, progress: bool = T
     empty_ids = tokenizer([""], padding="max_length", max_length=recipe.max_tokens, return_tensors="pt").input_ids
 
     model = nn.ModuleDict({"unet": build_unet(recipe), "text_encoder": build_text_encoder(recipe, len(tokenizer))})
+    encode_ids: Any = None
+    if not recipe.train_text_encoder:
+        model["text_encoder"].requires_grad_(False).eval()
+        encode_ids = FrozenTextCache(model["text_encoder"], torch.cat([ids, empty_ids]))
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.01)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=recipe.learning_rate, weight_decay=0.01)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=recipe.warmup_steps)
     with accelerator_session() as accelerator:
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -225,7 +252,7 @@ def train_teacher(recipe: TeacherRecipe, resume: bool = True, progress: bool = T
             eps = eps + recipe.offset_noise * torch.randn(b, z0.shape[1], 1, 1, generator=generator)
             abar = alphas_cumprod[t].view(b, 1, 1, 1)
             z_t = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
-            hidden = model["text_encoder"](ids)[0]
+            hidden = model["text_encoder"](ids)[0] if encode_ids is None else encode_ids(ids)
             return F.mse_loss(model["unet"](z_t, t, encoder_hidden_states=hidden).sample, eps), {}
 
         @torch.no_grad()
