@@ -552,8 +552,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("checkpoint_every", int),
     ):
         t.add_argument("--" + name.replace("_", "-"), type=tp, default=None)  # fmt: skip
-    t.add_argument("--train-text-encoder", action="store_const", const=True, default=None,
-                   help="train the CLIP text encoder too (default: frozen at its seeded initialisation)")
+    t.add_argument(
+        "--train-text-encoder",
+        action="store_const",
+        const=True,
+        default=None,
+        help="train the CLIP text encoder too (default: frozen at its seeded initialisation)",
+    )
     t.add_argument("--no-resume", action="store_true")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_toy_train_teacher)
