@@ -44,3 +44,32 @@ def test_teacher_recipe_trains_resumes_and_saves_a_pipeline(tmp_path):
     image = pipe("a small red circle in the center on a white background", num_inference_steps=2,
                  height=32, width=32, output_type="np").images[0]  # fmt: skip
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+
+def test_ship_teacher_copies_measures_and_documents(tmp_path):
+    import pytest
+
+    from lcmkit.config import ConfigError
+    from lcmkit.toy.ship import ship_teacher
+
+    torch.manual_seed(0)
+    build_toy_vae().save_pretrained(tmp_path / "vae")
+    run = tmp_path / "run"
+    recipe = TeacherRecipe(out=str(run), vae=str(tmp_path / "vae"), batch_size=4, num_train_images=32, steps=2,
+                           unet_channels=(32, 32), text_hidden=32, text_layers=1, warmup_steps=1,
+                           eval_every=0)  # fmt: skip
+    with pytest.raises(ConfigError, match="no finished teacher"):
+        ship_teacher(run, tmp_path / "shipped", n_eval=2, progress=False)
+    train_teacher(recipe, progress=False)
+    log = run / "logs" / "train_log.jsonl"  # a stop of an hour between two records is not training time
+    log.write_text('{"step": 1, "time": 100.0}\n{"step": 2, "time": 160.0}\n{"step": 3, "time": 3760.0}\n'
+                   '{"step": 4, "time": 3790.0}\n')  # fmt: skip
+    facts = ship_teacher(run, tmp_path / "shipped", n_eval=2, progress=False)
+    assert facts["training"]["compute_s"] == 90.0 and facts["training"]["stops"] == 1
+    card = (tmp_path / "shipped" / "README.md").read_text()
+    assert "0.0 h of compute" in card and "teacher DDIM 50" in card and "prompt accuracy" in card
+    assert (tmp_path / "shipped" / "evaluation" / "grid.png").is_file()
+    evaluation = json.loads((tmp_path / "shipped" / "evaluation" / "eval.json").read_text())
+    assert any("probe_fd" in c.get("metrics", c) for c in evaluation["columns"])
+    with pytest.raises(ConfigError, match="--overwrite"):
+        ship_teacher(run, tmp_path / "shipped", n_eval=2, progress=False)

@@ -28,6 +28,17 @@ from .config import ConfigError
 log = logging.getLogger(__name__)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     """Platform, CPU and GPU, and the versions of the libraries that decide the numbers."""
     import torch
@@ -35,7 +46,8 @@ def machine() -> dict[str, Any]:
     from .distill import versions
 
     info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), **versions()}  # fmt: skip
+                            "cpu": cpu_model(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                            **versions()}  # fmt: skip
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda

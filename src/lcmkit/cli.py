@@ -156,6 +156,18 @@ def _toy_train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _toy_ship_teacher(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .toy.ship import SHIPPED_TEACHER, ship_teacher
+
+    out = Path(args.out) if args.out else SHIPPED_TEACHER
+    facts = ship_teacher(Path(args.run), out, args.eval_images, args.overwrite, progress=not args.no_progress)
+    print(f"lcmkit: shipped the toy teacher to {out} ({facts['size_mb']:.1f} MB, "
+          f"{facts['training']['compute_s'] / 3600:.1f} h of training); its card is {out}/README.md")  # fmt: skip
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .toy.demo import DemoSettings, run_demo
 
@@ -562,6 +574,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_toy_train_teacher)
+    sh = toy.add_parser("ship-teacher", help="copy a trained toy teacher into the package with its card and scores")
+    sh.add_argument("--run", required=True, help="the --out folder of lcmkit toy train-teacher")
+    sh.add_argument("--out", default=None, help="where to put it (default: lcmkit/toy/assets/teacher)")
+    sh.add_argument("--eval-images", type=int, default=300, help="held-out prompts for the card's scores")
+    sh.add_argument("--overwrite", action="store_true")
+    sh.add_argument("--no-progress", action="store_true")
+    sh.set_defaults(func=_toy_ship_teacher)
     return parser
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..bench import cpu_model
 from ..train import GeneratorState, Trainer, TrainerSettings, accelerator_session
 from .tokenizer import load_toy_tokenizer
 from .world import render_array, sample_scenes, sample_seed
@@ -207,6 +208,8 @@ def train_teacher(recipe: TeacherRecipe, resume: bool = True, progress: bool = T
     out = Path(recipe.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    with open(out / "sessions.jsonl", "a") as f:  # where each stretch of a resumed run ran (the model card's CPU)
+        f.write(json.dumps({"time": time.time(), "cpu": cpu_model(), "threads": torch.get_num_threads()}) + "\n")
     torch.manual_seed(recipe.seed)
     vae = AutoencoderKL.from_pretrained(recipe.vae).eval().requires_grad_(False)
     tokenizer = teacher_tokenizer(recipe)
