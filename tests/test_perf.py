@@ -110,3 +110,16 @@ def test_adafactor_option(tiny_sd, shards, tmp_path):
     assert run_cli(*distill_args(tiny_sd, shards, out, "full", "--max-steps", "2", "--optimizer", "adafactor")) == 0
     assert sorted(losses(out)) == [1, 2]
     assert run_cli(*distill_args(tiny_sd, shards, tmp_path / "bad", "full", "--optimizer", "sgd")) == 2
+
+
+def test_cpu_conv_auto_picks_native_only_for_small_work():
+    from lcmkit.distill import conv_kernels
+
+    small_unet, cpu = torch.nn.Conv2d(4, 4, 3), torch.device("cpu")
+    before = torch.backends.mkldnn.enabled
+    seen = {}
+    for choice, positions in (("auto", 256), ("auto", 8192), ("native", 8192), ("onednn", 256)):
+        with conv_kernels(choice, small_unet, cpu, positions):
+            seen[choice, positions] = torch.backends.mkldnn.enabled
+        assert torch.backends.mkldnn.enabled == before
+    assert seen == {("auto", 256): False, ("auto", 8192): True, ("native", 8192): False, ("onednn", 256): True}

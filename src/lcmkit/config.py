@@ -124,7 +124,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     attention: str = "sdpa"
     cpu_conv: str = "auto"
-    """CPU convolution kernels: onednn, native (faster for tiny models) or auto (native below 50M parameters)."""
+    """CPU convolution kernels: onednn, native (faster for tiny work) or auto (native for a UNet below 50M
+    parameters called on at most 2,048 latent positions)."""
     seed: int = 0
     checkpoint_every: int = 500
     checkpoints_total_limit: int | None = None
