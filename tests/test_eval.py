@@ -274,3 +274,29 @@ def test_quick_eval_of_a_full_lcm(tiny_sd, tmp_path):
     cols = strict_json(out / "eval.json")["columns"]
     assert cols[0]["label"] == "LCM 1" and cols[0]["guidance"] == 4.0  # the teacher's w by default
     assert cols[0]["psnr"] > 0 and Image.open(out / "grid.png").height >= 64
+
+
+def test_quality_bar_checks_the_three_criteria():
+    from lcmkit.toy.demo import quality_bar
+
+    def row(label, group, steps, fd, acc):
+        return {"label": label, "group": group, "steps": steps, "probe_fd": fd, "prompt_accuracy": acc}
+
+    teacher = [
+        row("teacher DDIM 50", "teacher DDIM", 50, 2.0, 0.92),
+        row("teacher DPM++ 4", "teacher DPM++", 4, 5.0, 0.6),
+    ]
+    good = quality_bar([row("LCM-LoRA 4", "LCM-LoRA", 4, 2.9, 0.85), *teacher])
+    assert [line.split()[0] for line in good] == ["PASS", "PASS", "PASS"] and "2.90" in good[0] and "3.00" in good[0]
+    bad = quality_bar([row("LCM-LoRA 4", "LCM-LoRA", 4, 5.5, 0.80), *teacher])
+    assert [line.split()[0] for line in bad] == ["FAIL", "FAIL", "FAIL"] and "80.0%" in bad[2]
+    assert quality_bar(teacher) == []  # no distilled model: nothing to judge
+
+
+def test_toy_lora_alias_names_what_is_missing(tmp_path, monkeypatch):
+    import lcmkit.toy.demo as demo
+    from lcmkit.config import ConfigError
+
+    monkeypatch.setattr(demo, "LORA_DIR", tmp_path / "absent")
+    with pytest.raises(ConfigError, match="toy LCM-LoRA .*absent.* not in this build"):
+        demo.toy_lora()

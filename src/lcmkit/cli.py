@@ -302,11 +302,15 @@ def _eval(args: argparse.Namespace) -> int:
     if n is not None and n < 1:
         raise ConfigError(f"--num-images {n}: must be >= 1")
     steps = parse_steps(args.steps or ("1,2" if args.quick else "1,2,4,8"))
-    teacher, toy_scorers = args.teacher, []
+    teacher, lora, toy_scorers = args.teacher, args.lora, []
     if teacher == "toy":
         from .toy.demo import toy_teacher
 
         teacher = toy_teacher()
+    if lora == "toy":
+        from .toy.demo import toy_lora
+
+        lora = toy_lora()
     if args.prompts == "toy":  # toy captions, scored by the toy checker and probe
         from .toy.demo import toy_prompts, toy_scores
 
@@ -315,7 +319,7 @@ def _eval(args: argparse.Namespace) -> int:
         prompts = read_prompts(args.prompts)
         prompts = cycle(prompts, len(prompts) if n is None else n)
     settings = EvalSettings(
-        teacher=teacher, prompts=prompts, lora=args.lora, lcm=args.lcm, teacher_config=args.teacher_config,
+        teacher=teacher, prompts=prompts, lora=lora, lcm=args.lcm, teacher_config=args.teacher_config,
         steps=steps, guidance=args.guidance, lcm_guidance=args.lcm_guidance, seed=args.seed, size=args.resolution,
         batch_size=args.batch_size, grid_rows=2 if args.quick else args.grid_rows, device=args.device,
         dtype=args.dtype, out=args.out, progress=not args.no_progress,
@@ -324,6 +328,17 @@ def _eval(args: argparse.Namespace) -> int:
     scorers, skipped = optional_scorers(args.clip_model, args.inception, settings.device)
     result = run_eval(settings, scorers + toy_scorers)
     print(result["table"])
+    if toy_scorers:  # the toy world's quality bar, also appended to eval.md
+        import json
+        from pathlib import Path
+
+        from .toy.demo import quality_bar
+
+        lines = quality_bar(json.loads((Path(result["out"]) / "eval.json").read_text())["columns"])
+        if lines:
+            print("\n".join(["quality bar (LCM paper's claim at toy scale):", *lines]))
+            with open(Path(result["out"]) / "eval.md", "a") as f:
+                f.write("\n## Quality bar\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
     for line in skipped:
         print(f"lcmkit: {line}", file=sys.stderr)
     print(f"lcmkit eval: {result['n_images']} images per sampler in {result['total_s']:.0f} s; "
@@ -361,7 +376,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--teacher", required=True, help="hub id, diffusers folder or .safetensors file ('toy': the shipped one)"
     )
     p.add_argument("--teacher-config", help="for a single-file teacher offline: a diffusers folder with its configs")
-    p.add_argument("--lora", help="the LCM-LoRA to evaluate on the teacher (file or folder)")
+    p.add_argument("--lora", help="the LCM-LoRA to evaluate on the teacher (file or folder; 'toy': the shipped one)")
     p.add_argument("--lcm", help="a full LCM: a distill output folder or its pipeline/ folder")
     p.add_argument("--guidance", type=float, default=7.5, help="the teacher's CFG scale (a full LCM's w by default)")
     p.add_argument("--lcm-guidance", type=float, help="default: 1 for an LCM-LoRA, --guidance for a full LCM")

@@ -26,6 +26,7 @@ from ..sample import image_grid, initial_noise
 from .world import IMAGE_SIZE, make_splits, sample_scenes
 
 TEACHER_DIR = Path(__file__).parent / "assets" / "teacher"
+LORA_DIR = Path(__file__).parent / "assets" / "lcm_lora"
 
 
 @dataclass
@@ -64,6 +65,13 @@ def toy_teacher(folder: str | None = None) -> str:
         raise ConfigError(f"toy teacher {path} not found: it ships with lcmkit once trained "
                           "(lcmkit toy train-teacher), or pass --teacher DIR")  # fmt: skip
     return str(path)
+
+
+def toy_lora() -> str:
+    """The shipped toy LCM-LoRA folder, checked."""
+    if not (LORA_DIR / "pytorch_lora_weights.safetensors").is_file():
+        raise ConfigError(f"the toy LCM-LoRA {LORA_DIR} is not in this build yet: pass --lora DIR (a distill output)")
+    return str(LORA_DIR)
 
 
 def ensure_shards(folder: Path, settings: DemoSettings) -> dict[str, str]:
@@ -151,6 +159,36 @@ def toy_scores(images: list[Image.Image], prompts: list[str], reference: Any = N
     except (ImportError, FileNotFoundError):
         pass
     return scores
+
+
+def quality_bar(rows: list[dict[str, Any]], steps: int = 4) -> list[str]:
+    """The toy world's quality bar (the LCM paper's claim at small scale), checked on eval/demo rows (dicts with
+    label, group, steps, probe_fd, prompt_accuracy): the distilled model at `steps` against the teacher's
+    DDIM 50 (probe-FD at most 1.5x, prompt accuracy within 10 points) and DPM-Solver++ at the same steps
+    (lower probe-FD). One line per criterion, PASS or FAIL with the numbers; empty when a column is missing."""
+
+    def find(group: str, n: int) -> dict[str, Any] | None:
+        return next((r for r in rows if r["group"] == group and r["steps"] == n and "probe_fd" in r), None)
+
+    student = next((r for r in rows if not r["group"].startswith("teacher") and r["steps"] == steps
+                    and "probe_fd" in r), None)  # fmt: skip
+    ddim, dpm = find("teacher DDIM", 50), find("teacher DPM++", steps)
+    if student is None or ddim is None or dpm is None:
+        return []
+    name = student["label"]
+
+    def line(ok: bool, text: str) -> str:
+        return f"{'PASS' if ok else 'FAIL'}  {text}"
+
+    fd, acc = student["probe_fd"], student["prompt_accuracy"]
+    return [
+        line(fd <= 1.5 * ddim["probe_fd"],
+             f"{name} probe-FD {fd:.2f} <= 1.5 x teacher DDIM 50's {ddim['probe_fd']:.2f} "
+             f"(= {1.5 * ddim['probe_fd']:.2f})"),
+        line(fd < dpm["probe_fd"], f"{name} probe-FD {fd:.2f} < teacher DPM++ {steps}'s {dpm['probe_fd']:.2f}"),
+        line(acc >= ddim["prompt_accuracy"] - 0.10,
+             f"{name} prompt accuracy {acc:.1%} within 10 points of teacher DDIM 50's {ddim['prompt_accuracy']:.1%}"),
+    ]  # fmt: skip
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
