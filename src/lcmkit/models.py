@@ -64,6 +64,14 @@ class Teacher:
         return float(self.vae.config.scaling_factor)
 
 
+def dtype_kwarg(dtype: Any) -> dict[str, Any]:
+    """diffusers' loading dtype keyword: `dtype` from 0.40 (where `torch_dtype` warns), `torch_dtype` before."""
+    import diffusers
+    from packaging.version import Version
+
+    return {"dtype": dtype} if Version(diffusers.__version__).release >= (0, 40) else {"torch_dtype": dtype}
+
+
 def looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~")) and not os.path.exists(spec)
@@ -115,7 +123,7 @@ def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teache
     cls = pipeline_class(family)
     # Without --allow-pickle, diffusers and transformers may read safetensors only (also from the hub).
     safetensors_only = None if cfg.allow_pickle else True
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    kwargs: dict[str, Any] = dtype_kwarg(dtype)
     if family == "sd":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if cfg.vae:
@@ -129,7 +137,7 @@ def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teache
             raise ConfigError(f"--vae {cfg.vae}: give a diffusers VAE folder (or a hub id), not a single file")
         try:
             kwargs["vae"] = AutoencoderKL.from_pretrained(
-                cfg.vae, subfolder=sub, torch_dtype=dtype, use_safetensors=safetensors_only
+                cfg.vae, subfolder=sub, use_safetensors=safetensors_only, **dtype_kwarg(dtype)
             )
         except Exception as e:
             raise ConfigError(f"could not load --vae {cfg.vae}: {_first_line(e)}") from None
@@ -137,7 +145,8 @@ def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teache
         if path.is_file() and cfg.teacher_config:
             from .single_file import import_single_file
 
-            pipe = import_single_file(path, cfg.teacher_config, family, dtype=kwargs.pop("torch_dtype"), **kwargs)
+            rest = {k: v for k, v in kwargs.items() if k not in ("dtype", "torch_dtype")}
+            pipe = import_single_file(path, cfg.teacher_config, family, dtype=dtype, **rest)
         elif path.is_file():  # configs come from the hub
             pipe = cls.from_single_file(str(path), **kwargs)
         else:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
-from .models import Teacher, pipeline_class
+from .models import Teacher, dtype_kwarg, pipeline_class
 
 SAMPLERS = ("ddim", "dpm++")
 
@@ -293,7 +293,7 @@ class FewStepGenerator:
                                   "output, or a single .safetensors file)")  # fmt: skip
             check_weights_folder(folder, "--lcm", allow_pickle)
             pipe = DiffusionPipeline.from_pretrained(
-                folder, torch_dtype=torch.float32, use_safetensors=None if allow_pickle else True
+                folder, **dtype_kwarg(torch.float32), use_safetensors=None if allow_pickle else True
             )
         if getattr(pipe.unet.config, "time_cond_proj_dim", None) is None:
             raise ConfigError(f"--lcm {lcm}: its UNet has no guidance input (time_cond_proj_dim): not a full LCM")

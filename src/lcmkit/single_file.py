@@ -409,7 +409,9 @@ def import_single_file(
         encoder_2 = _sdxl_encoder_2_if_ambiguous(path, config, keys, enc1_width, dtype)
         if encoder_2 is not None:
             kwargs["text_encoder_2"] = encoder_2
-    return cls.from_single_file(path, config=config, torch_dtype=dtype, **kwargs)
+    from .models import dtype_kwarg
+
+    return cls.from_single_file(path, config=config, **dtype_kwarg(dtype), **kwargs)
 
 
 def _sdxl_encoder_2_if_ambiguous(

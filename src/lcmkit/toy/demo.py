@@ -22,6 +22,7 @@ from PIL import Image
 from ..config import ConfigError, DistillConfig
 from ..distill import distill
 from ..eval import Column, sample_columns, write_report
+from ..models import dtype_kwarg
 from ..sample import image_grid, initial_noise
 from .world import IMAGE_SIZE, make_splits, sample_scenes
 
@@ -113,15 +114,15 @@ def load_pipelines(settings: DemoSettings, teacher: str, run_dir: Path) -> tuple
     """(teacher pipeline, distilled pipeline with LCMScheduler)."""
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
 
-    base = StableDiffusionPipeline.from_pretrained(teacher, torch_dtype=torch.float32)
+    base = StableDiffusionPipeline.from_pretrained(teacher, **dtype_kwarg(torch.float32))
     base.set_progress_bar_config(disable=True)
     if settings.mode == "lora":
-        lcm = StableDiffusionPipeline.from_pretrained(teacher, torch_dtype=torch.float32)
+        lcm = StableDiffusionPipeline.from_pretrained(teacher, **dtype_kwarg(torch.float32))
         lcm.scheduler = LCMScheduler.from_config(lcm.scheduler.config)
         lcm.load_lora_weights(str(run_dir))
         lcm.fuse_lora()
     else:
-        lcm = LatentConsistencyModelPipeline.from_pretrained(run_dir / "pipeline", torch_dtype=torch.float32)
+        lcm = LatentConsistencyModelPipeline.from_pretrained(run_dir / "pipeline", **dtype_kwarg(torch.float32))
     lcm.set_progress_bar_config(disable=True)
     return base, lcm
 

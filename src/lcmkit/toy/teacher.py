@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..bench import cpu_model
+from ..models import dtype_kwarg
 from ..train import GeneratorState, Trainer, TrainerSettings, accelerator_session
 from .tokenizer import load_toy_tokenizer
 from .world import render_array, sample_scenes, sample_seed
@@ -176,7 +177,7 @@ def prompt_accuracy_of(pipeline_dir: Path | Any, n: int, steps: int = 50, guidan
 
     pipe = pipeline_dir
     if not hasattr(pipe, "unet"):
-        pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, torch_dtype=torch.float32)
+        pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, **dtype_kwarg(torch.float32))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     prompts = [s.caption() for s in sample_scenes(n, 10_000 + seed)]
