@@ -36,6 +36,19 @@ def test_quick_demo_writes_grid_table_and_plot(tmp_path, capsys):
     assert Image.open(out / "quality.png").width > 300
     assert "| LCM 4 | 4 |" in (out / "metrics.md").read_text()
 
+    # a fully distilled LCM-LoRA (here: the run above's) is shown beside a new live run, labelled as such
+    again = tmp_path / "demo2"
+    args = ["demo", "--quick", "--teacher", teacher, "--steps", "2", "--shipped-lora", str(out / "lcm-lora"),
+            "--out", str(again)]  # fmt: skip
+    assert main(args) == 0
+    second = json.loads((again / "metrics.json").read_text())
+    columns = {c["label"]: c for c in second["columns"]}
+    assert list(columns)[-2:] == ["shipped LCM 2", "shipped LCM 4"]
+    assert second["distill_steps"] == 2 and second["shipped_lora_steps"] == 20
+    first = {c["label"]: c for c in record["columns"]}
+    for metric in ("prompt_accuracy", "probe_fd"):  # same LoRA, prompts and noise as the first run's LCM 4
+        assert abs(columns["shipped LCM 4"][metric] - first["LCM 4"][metric]) < 1e-6
+
 
 def test_demo_without_teacher_says_what_to_do(tmp_path, capsys):
     assert main(["demo", "--quick", "--teacher", str(tmp_path / "none"), "--out", str(tmp_path / "d")]) == 2

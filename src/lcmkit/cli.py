@@ -171,10 +171,16 @@ def _toy_ship_teacher(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .toy.demo import DemoSettings, run_demo
 
-    given = {k: v for k, v in vars(args).items() if k in ("out", "mode", "teacher", "steps", "seed") and v is not None}
+    names = ("out", "mode", "teacher", "steps", "seed", "shipped_lora")
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
     settings = DemoSettings.quick(**given) if args.quick else DemoSettings(**given)
     result = run_demo(settings)
     print(result["table"])
+    print(f"LCM n: distilled in this run ({result['distill_steps']} steps, {result['distill_s']:.0f} s), n sampling "
+          "steps; teacher: DPM-Solver++ with guidance.")  # fmt: skip
+    if result["shipped_lora"]:
+        made = result["shipped_lora_steps"]
+        print(f"shipped LCM n: {result['shipped_lora']}" + (f" ({made} steps of distillation)" if made else ""))
     print(f"lcmkit demo: {result['total_s']:.0f} s; grid, metrics and plot in {result['out']}")
     return 0
 
@@ -559,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="distillation steps")
     d.add_argument("--teacher", default=None, help="another toy-world teacher folder")
     d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--shipped-lora", default=None,
+                   help="an LCM-LoRA of the same teacher to show beside the live run (default with the shipped "
+                        "teacher: the shipped toy LCM-LoRA; 'none' to leave it out)")  # fmt: skip
     d.add_argument("--quick", action="store_true", help="a smoke-test sized run")
     d.set_defaults(func=_demo)
 

@@ -47,6 +47,10 @@ class DemoSettings:
     n_eval: int = 300
     grid_rows: int = 6
     lcm_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    shipped_lora: str | None = None
+    """An LCM-LoRA of the same teacher shown beside the live run; default: the shipped toy LCM-LoRA when the
+    teacher is the shipped one ("none" to leave it out)."""
+    shipped_steps: list[int] = field(default_factory=lambda: [2, 4])
     teacher_steps: int = 25
     seed: int = 0
     overwrite: bool = True
@@ -110,24 +114,37 @@ def distill_config(settings: DemoSettings, teacher: str, data: str, out: Path) -
     return cfg
 
 
+def lora_pipeline(teacher: str, lora_dir: str | Path) -> Any:
+    """The teacher with an LCM-LoRA fused in, on LCMScheduler."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    lcm = StableDiffusionPipeline.from_pretrained(teacher, **dtype_kwarg(torch.float32))
+    lcm.scheduler = LCMScheduler.from_config(lcm.scheduler.config)
+    lcm.load_lora_weights(str(lora_dir))
+    lcm.fuse_lora()
+    lcm.set_progress_bar_config(disable=True)
+    return lcm
+
+
 def load_pipelines(settings: DemoSettings, teacher: str, run_dir: Path) -> tuple[Any, Any]:
     """(teacher pipeline, distilled pipeline with LCMScheduler)."""
-    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
     base = StableDiffusionPipeline.from_pretrained(teacher, **dtype_kwarg(torch.float32))
     base.set_progress_bar_config(disable=True)
     if settings.mode == "lora":
-        lcm = StableDiffusionPipeline.from_pretrained(teacher, **dtype_kwarg(torch.float32))
-        lcm.scheduler = LCMScheduler.from_config(lcm.scheduler.config)
-        lcm.load_lora_weights(str(run_dir))
-        lcm.fuse_lora()
-    else:
-        lcm = LatentConsistencyModelPipeline.from_pretrained(run_dir / "pipeline", **dtype_kwarg(torch.float32))
+        return base, lora_pipeline(teacher, run_dir)
+    lcm = LatentConsistencyModelPipeline.from_pretrained(run_dir / "pipeline", **dtype_kwarg(torch.float32))
     lcm.set_progress_bar_config(disable=True)
     return base, lcm
 
 
-def columns_for(settings: DemoSettings, base: Any, lcm: Any) -> list[Column]:
+def shipped_lora_steps(lora_dir: Path) -> int | None:
+    record = lora_dir / "lcmkit_run.json"
+    return json.loads(record.read_text()).get("steps") if record.is_file() else None
+
+
+def columns_for(settings: DemoSettings, base: Any, lcm: Any, shipped: Any = None) -> list[Column]:
     from ..sample import teacher_scheduler
 
     teacher = base
@@ -139,6 +156,8 @@ def columns_for(settings: DemoSettings, base: Any, lcm: Any) -> list[Column]:
         Column(f"{group} 4", group, teacher, 4, settings.guidance),
     ]
     cols += [Column(f"LCM {n}", "LCM", lcm, n, lcm_guidance) for n in settings.lcm_steps]
+    if shipped is not None:  # the fully distilled LCM-LoRA that ships, beside this run's
+        cols += [Column(f"shipped LCM {n}", "shipped LCM", shipped, n, 1.0) for n in settings.shipped_steps]
     return cols
 
 
@@ -203,7 +222,11 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     t_distill = time.perf_counter() - t0
 
     base, lcm = load_pipelines(settings, teacher, run_dir)
-    columns = columns_for(settings, base, lcm)
+    shipped_dir = settings.shipped_lora
+    if shipped_dir is None and settings.teacher is None and (LORA_DIR / "pytorch_lora_weights.safetensors").is_file():
+        shipped_dir = str(LORA_DIR)
+    shipped = lora_pipeline(teacher, shipped_dir) if shipped_dir and shipped_dir != "none" else None
+    columns = columns_for(settings, base, lcm, shipped)
     prompts = toy_prompts(settings.n_eval, settings.seed)
     latent = IMAGE_SIZE // base.vae_scale_factor
     noise = initial_noise(len(prompts), (base.unet.config.in_channels, latent, latent), settings.seed)
@@ -214,6 +237,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     rows = [[c.images[i] for c in columns] for i in range(settings.grid_rows)]
     image_grid(rows, prompts[: settings.grid_rows], [c.label for c in columns]).save(out / "grid.png")
     info = {"mode": settings.mode, "distill_steps": result.train.steps, "distill_s": t_distill,
+            "shipped_lora": shipped_dir if shipped is not None else None,
+            "shipped_lora_steps": shipped_lora_steps(Path(shipped_dir)) if shipped is not None else None,
             "median_s_per_step": result.train.median_s_per_step, "n_eval": settings.n_eval,
             "total_s": time.perf_counter() - t0}  # fmt: skip
     table = write_report(columns, out, info, stem="metrics")
