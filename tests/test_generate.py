@@ -155,3 +155,15 @@ def test_kohya_loras_stack_and_are_checked(tiny_sd, tiny_sdxl, sd_lora, sdxl_lor
     assert main(["generate", "--base", tiny_sd, "--lora", sd_lora, "--lora", f"{xl_kohya}:0.8", "--prompt", "x",
                  "--out", out]) == 2  # fmt: skip
     assert "another family" in capsys.readouterr().err
+
+
+def test_compiled_generation_matches_eager_with_loras_fused(tiny_sd, sd_lora):
+    """--compile fuses the LoRAs (at their weights) and compiles: same images as eager, LoRA still applied."""
+    kw = dict(steps=2, seed=3, width=64, height=64)
+    eager = arr(FewStepGenerator(base=tiny_sd, loras=[(sd_lora, 0.7)])(["a red square"], **kw))
+    compiled_gen = FewStepGenerator(base=tiny_sd, loras=[(sd_lora, 0.7)], compile=True)
+    compiled = arr(compiled_gen(["a red square"], **kw))
+    np.testing.assert_allclose(compiled, eager, atol=2.0)
+    assert not compiled_gen.has_teacher  # the adapters are fused: no teacher view
+    base = arr(FewStepGenerator(base=tiny_sd)(["a red square"], **kw))
+    assert np.abs(compiled - base).max() > 2
