@@ -41,7 +41,7 @@ def test_bench_generate_times_lcm_and_teacher(tiny_sd, tiny_sd_lora, tmp_path, c
             "--json", str(out)]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "| LCM-LoRA | lcm | 2 | 1 | 2 | 64 |" in printed and "| teacher | dpm++ | 3 | 5 | 2 | 64 |" in printed
+    assert "| LCM-LoRA (lcmkit) | lcm | 2 | 1 | 2 | 64 |" in printed and "| teacher | dpm++ | 3 | 5 | 2 | 64 |" in printed
     assert "median of 3 after 1 warm-up" in printed
     record = json.loads(out.read_text())
     lcm, teacher = record["generate"]
@@ -56,6 +56,20 @@ def test_bench_generate_times_lcm_and_teacher(tiny_sd, tiny_sd_lora, tmp_path, c
     assert {"torch", "diffusers", "transformers", "cpus"} <= set(record["machine"])
 
 
+def test_bench_generate_against_plain_diffusers(tiny_sd, tiny_sd_lora, tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    args = ["bench", "generate", "--teacher", tiny_sd, "--lora", tiny_sd_lora, "--steps", "2", "--teacher-steps", "2",
+            "--resolution", "64", "--repeats", "2", "--warmup", "0", "--vs-diffusers", "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    ours, plain, teacher = json.loads(out.read_text())["generate"]
+    assert ours["model"] == "LCM-LoRA (lcmkit)" and plain["model"] == "LCM-LoRA (plain diffusers)"
+    assert ours["speedup_vs_diffusers"] == pytest.approx(plain["s_per_image"] / ours["s_per_image"])
+    # same fused weights, same scheduler and seed: the same images (or all but identical)
+    assert ours["psnr_vs_diffusers_db"] is None or ours["psnr_vs_diffusers_db"] > 40
+    assert "the plain diffusers pipeline per image" in printed
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -63,6 +77,7 @@ def test_bench_generate_times_lcm_and_teacher(tiny_sd, tiny_sd_lora, tmp_path, c
         (["--repeats", "0"], "--repeats 0"),
         (["--steps", "0"], "--steps 0"),
         (["--resolution", "60"], "--resolution 60"),
+        (["--vs-diffusers"], "give --lora or --lcm"),
     ],
 )
 def test_bench_generate_refuses_bad_input_in_one_line(tiny_sd, tiny_sd_lora, capsys, extra, message):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -251,6 +252,15 @@ def bench_pipeline(
     }  # fmt: skip
 
 
+def sample_once(pipe: Any, steps: int, guidance: float, batch: int, size: int, prompt: str) -> list[Any]:
+    """One seeded call's images (PIL), for comparing two pipelines' outputs."""
+    import torch
+
+    generator = torch.Generator("cpu").manual_seed(0)
+    return pipe([prompt] * batch, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+                generator=generator, output_type="pil").images  # fmt: skip
+
+
 @dataclass
 class GenerateBench:
     teacher: str
@@ -270,8 +280,14 @@ class GenerateBench:
     device: str = "auto"
     dtype: str = "auto"
     prompt: str = "a photograph of an astronaut riding a horse"
+    compile: bool = False
+    """lcmkit's row compiled (generate --compile); the compile itself is a warm-up call, not timed."""
+    vs_diffusers: bool = False
+    """Also time the same weights in the plain diffusers pipeline (LCM docs' way) and compare the images."""
 
     def check(self) -> None:
+        if (self.compile or self.vs_diffusers) and not (self.lora or self.lcm):
+            raise ConfigError("--compile and --vs-diffusers time the distilled model: give --lora or --lcm")
         if self.lora and self.lcm:
             raise ConfigError("give either --lora or --lcm, not both")
         for name in ("steps", "teacher_steps", "batch", "repeats"):
@@ -299,11 +315,28 @@ def bench_generate(cfg: GenerateBench) -> dict[str, Any]:
     rows = []
     if cfg.lora or cfg.lcm:
         lcm, name, w = distilled_pipeline(cfg.teacher, cfg.lora, cfg.lcm, cfg.teacher_config, device, cfg.dtype,
-                                          cfg.guidance, cfg.lcm_guidance)  # fmt: skip
+                                          cfg.guidance, cfg.lcm_guidance, compile=cfg.compile)  # fmt: skip
         size = cfg.resolution or default_size(lcm)
-        row = bench_pipeline(lcm, cfg.steps, w, cfg.batch, size, cfg.repeats, cfg.warmup, cfg.prompt)
-        rows.append({"model": name, "sampler": "lcm", **row})
-        del lcm
+        warmup = max(cfg.warmup, 1) if cfg.compile else cfg.warmup
+        row = bench_pipeline(lcm, cfg.steps, w, cfg.batch, size, cfg.repeats, warmup, cfg.prompt)
+        rows.append({"model": f"{name} (lcmkit{', compiled' if cfg.compile else ''})", "sampler": "lcm", **row})
+        if cfg.vs_diffusers:
+            from .eval import psnr, to_unit_tensor
+            from .sample import plain_diffusers_pipeline
+
+            ours = sample_once(lcm, cfg.steps, w, cfg.batch, size, cfg.prompt)
+            del lcm
+            gc.collect()
+            plain = plain_diffusers_pipeline(cfg.teacher, cfg.lora, cfg.lcm, device, dtype)
+            plain_row = bench_pipeline(plain, cfg.steps, w, cfg.batch, size, cfg.repeats, cfg.warmup, cfg.prompt)
+            theirs = sample_once(plain, cfg.steps, w, cfg.batch, size, cfg.prompt)
+            db = psnr(to_unit_tensor(ours).flatten()[None], to_unit_tensor(theirs).flatten()[None]).item()
+            rows[-1]["psnr_vs_diffusers_db"] = db if math.isfinite(db) else None  # None: identical images
+            rows[-1]["speedup_vs_diffusers"] = plain_row["s_per_image"] / rows[-1]["s_per_image"]
+            rows.append({"model": f"{name} (plain diffusers)", "sampler": "lcm", **plain_row})
+            del plain
+        else:
+            del lcm
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

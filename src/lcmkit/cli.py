@@ -363,6 +363,11 @@ def _bench_generate(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in fields(GenerateBench) if getattr(args, f.name, None) is not None}
     record = bench_generate(GenerateBench(**given))
     print(generate_table(record["generate"]))
+    ours = record["generate"][0]
+    if "speedup_vs_diffusers" in ours:
+        db = ours["psnr_vs_diffusers_db"]
+        print(f"{ours['model']}: {ours['speedup_vs_diffusers']:.2f}x the plain diffusers pipeline per image; images "
+              + ("identical" if db is None else f"{db:.1f} dB PSNR apart"))  # fmt: skip
     m = record["machine"]
     print(f"machine: {m.get('gpu') or m['processor']}, {m['cpus']} CPUs ({m['threads']} threads), torch {m['torch']}, "
           f"diffusers {m['diffusers']}; {record['config']['device']} {record['config']['dtype']}, median of "
@@ -538,6 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--repeats", type=int, default=5)
     bg.add_argument("--warmup", type=int, default=1)
     bg.add_argument("--prompt")
+    bg.add_argument("--compile", action="store_true", help="time lcmkit generate --compile (compile not timed)")
+    bg.add_argument(
+        "--vs-diffusers",
+        action="store_true",
+        help="also time the same weights in the plain diffusers pipeline and compare the images",
+    )
     bg.add_argument("--json", help="also write the results (machine, versions, configuration) to this file")
     bg.set_defaults(func=_bench_generate)
 

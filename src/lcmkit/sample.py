@@ -435,19 +435,35 @@ def _stop_callback(should_stop: Callable[[], bool] | None) -> dict[str, Any]:
 
 def distilled_pipeline(
     teacher: str, lora: str | None, lcm: str | None, teacher_config: str | None, device: str, dtype: str,
-    guidance: float, lcm_guidance: float | None = None,
+    guidance: float, lcm_guidance: float | None = None, compile: bool = False,
 ) -> tuple[Any, str, float]:  # fmt: skip
     """(LCMScheduler pipeline, "LCM-LoRA" or "LCM", its guidance) for evaluations and benchmarks.
 
     An LCM-LoRA is fused into the teacher UNet and unloaded (a deployed model's speed) and runs at guidance 1;
     a full LCM takes `guidance` as its w input. `lcm_guidance` overrides either."""
     gen = FewStepGenerator(None if lcm else teacher, [(lora, 1.0)] if lora else [], lcm, "lcm", device, dtype,
-                           teacher_config)  # fmt: skip
-    if lora:
+                           teacher_config, compile=compile)  # fmt: skip
+    if lora and not compile:  # compile fuses them itself
         gen.pipe.fuse_lora()
         gen.pipe.unload_lora_weights()
     w = lcm_guidance if lcm_guidance is not None else (guidance if gen.full else 1.0)
     return gen.pipe, "LCM" if gen.full else "LCM-LoRA", w
+
+
+def plain_diffusers_pipeline(teacher: str, lora: str | None, lcm: str | None, device: str, dtype: Any) -> Any:
+    """The same weights loaded the way diffusers' LCM docs do it, for side-by-side benchmarks: the pipeline
+    class from_pretrained, LCMScheduler, and an LCM-LoRA through load_lora_weights + fuse_lora."""
+    from diffusers import DiffusionPipeline, LCMScheduler
+
+    folder = Path(lcm) / "pipeline" if lcm and (Path(lcm) / "pipeline").is_dir() else lcm
+    pipe = DiffusionPipeline.from_pretrained(folder or teacher, **dtype_kwarg(dtype))
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    if lora:
+        file = lora_file(lora)
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+        pipe.fuse_lora()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
 
 
 def png_parameters(prompt: str, seed: int, info: dict[str, Any]) -> Any:
