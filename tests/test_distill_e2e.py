@@ -53,6 +53,8 @@ def test_sd_lora_loads_and_changes_the_image(tiny_sd, sd_lora_run):
 
     out = sd_lora_run
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (out / "pytorch_lora_weights.safetensors", out / "README.md")}
+    assert len(set(modes.values())) == 1, modes  # the weights are as readable as the other outputs
     record = json.loads((out / "lcmkit_run.json").read_text())
     assert record["steps"] == STEPS and record["mode"] == "lora" and record["family"] == "sd"
     assert record["config"]["lora"]["lora_rank"] == 4 and "torch" in record["versions"]

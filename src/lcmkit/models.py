@@ -325,7 +325,15 @@ def save_lora(unet: nn.Module, family: str, out_dir: Path, lora: LoraConfig) -> 
     pipeline_class(family).save_lora_weights(
         str(out_dir), unet_lora_layers=state, unet_lora_adapter_metadata=metadata, safe_serialization=True
     )
-    return out_dir / "pytorch_lora_weights.safetensors"
+    path = out_dir / "pytorch_lora_weights.safetensors"
+    path.chmod(0o666 & ~current_umask())  # diffusers writes it through a private (0600) temporary file
+    return path
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_full_lcm(student: nn.Module, teacher: Teacher, out_dir: Path, num_ddim_timesteps: int) -> None:
