@@ -156,3 +156,26 @@ def test_bench_serve_prints_latency_per_step_count(tiny_sd, tiny_sd_lora, tmp_pa
     assert [r["steps"] for r in rows] == [1, 2]
     assert all(r["median_ms"] >= r["median_generation_ms"] > 0 for r in rows)
     assert main(["bench", "serve", "--base", tiny_sd, "--lora", tiny_sd_lora, "--steps", "9"]) == 2
+
+
+def test_a_compiled_generator_is_warmed_up_before_serving(tiny_sd, monkeypatch):
+    """With --compile the first (compiling) call happens before the server listens, at the default size."""
+    import uvicorn
+
+    from lcmkit.sample import FewStepGenerator
+    from lcmkit.serve import serve
+
+    generator = FewStepGenerator(base=tiny_sd)
+    generator.compiled = True  # the warm-up logic only; compiling itself is tested in test_generate
+    events = []
+
+    class Recording(FewStepGenerator):
+        def __call__(self, prompts, **kw):
+            events.append(("generate", kw.get("width"), kw.get("steps")))
+            return []
+
+    generator.__class__ = Recording
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: events.append(("listen",)))
+    serve(generator, port=7999)
+    size = generator.pipe.unet.config.sample_size * generator.pipe.vae_scale_factor
+    assert events == [("generate", size, 1), ("listen",)]

@@ -85,7 +85,8 @@ def _serve_generator(args: argparse.Namespace) -> Any:
             raise ConfigError("no model given and the shipped toy teacher/LCM-LoRA are not in this build: "
                               "pass --base MODEL --lora LCM_LORA or --lcm FULL_LCM")  # fmt: skip
         base, loras = str(assets / "teacher"), [(str(assets / "lcm_lora"), 1.0)]
-    return FewStepGenerator(base, loras, args.lcm, args.scheduler, args.device, args.dtype, args.base_config)
+    return FewStepGenerator(base, loras, args.lcm, args.scheduler, args.device, args.dtype, args.base_config,
+                            compile=args.compile)  # fmt: skip
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -407,6 +408,11 @@ def _add_serve_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", choices=["lcm", "tcd"], default="lcm")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet and VAE decoder at start (LoRAs fused; no teacher comparison)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -143,6 +143,12 @@ def serve(
     import uvicorn
 
     app = create_app(generator, info)
+    if generator.compiled:  # compile before the first visitor waits for it
+        from .sample import default_size
+
+        print("lcmkit serve: compiling the UNet and VAE decoder (minutes on a CPU) ...", flush=True)
+        size = default_size(generator.pipe)
+        generator(["warm-up"], steps=1, width=size, height=size)
     print(f"lcmkit serve: open http://{host}:{port}/ (Ctrl+C to stop)", flush=True)
     uvicorn.run(app, host=host, port=port, limit_concurrency=max_connections, log_level="warning")
 
