@@ -320,13 +320,13 @@ def bench_generate(cfg: GenerateBench) -> dict[str, Any]:
         warmup = max(cfg.warmup, 1) if cfg.compile else cfg.warmup
         row = bench_pipeline(lcm, cfg.steps, w, cfg.batch, size, cfg.repeats, warmup, cfg.prompt)
         rows.append({"model": f"{name} (lcmkit{', compiled' if cfg.compile else ''})", "sampler": "lcm", **row})
-        if cfg.vs_diffusers:
+        ours = sample_once(lcm, cfg.steps, w, cfg.batch, size, cfg.prompt) if cfg.vs_diffusers else None
+        del lcm
+        gc.collect()
+        if ours is not None:
             from .eval import psnr, to_unit_tensor
             from .sample import plain_diffusers_pipeline
 
-            ours = sample_once(lcm, cfg.steps, w, cfg.batch, size, cfg.prompt)
-            del lcm
-            gc.collect()
             plain = plain_diffusers_pipeline(cfg.teacher, cfg.lora, cfg.lcm, device, dtype)
             plain_row = bench_pipeline(plain, cfg.steps, w, cfg.batch, size, cfg.repeats, cfg.warmup, cfg.prompt)
             theirs = sample_once(plain, cfg.steps, w, cfg.batch, size, cfg.prompt)
@@ -335,9 +335,7 @@ def bench_generate(cfg: GenerateBench) -> dict[str, Any]:
             rows[-1]["speedup_vs_diffusers"] = plain_row["s_per_image"] / rows[-1]["s_per_image"]
             rows.append({"model": f"{name} (plain diffusers)", "sampler": "lcm", **plain_row})
             del plain
-        else:
-            del lcm
-        gc.collect()
+            gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
     teacher = load_teacher(ModelConfig(teacher=cfg.teacher, teacher_config=cfg.teacher_config), dtype)

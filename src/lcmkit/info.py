@@ -12,7 +12,7 @@ from .config import ConfigError
 CROSS_ATTENTION_FAMILY = {768: "sd (1.x)", 1024: "sd (2.x)", 2048: "sdxl"}
 
 
-def _safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+def safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     from safetensors import safe_open
 
     try:
@@ -54,7 +54,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     if p.is_file():
         if p.suffix != ".safetensors":
             raise ConfigError(f"{path}: only .safetensors files are inspected (pickle-based files are not opened)")
-        shapes, meta = _safetensors_header(p)
+        shapes, meta = safetensors_header(p)
         lora = _lora_info(shapes, meta)
         if lora is not None:
             return {"path": str(p), **lora}

@@ -26,7 +26,7 @@ def training_time(log_file: Path) -> dict[str, float]:
     """Compute time of a (possibly many times resumed) run from its train_log.jsonl: the sum of the intervals
     between consecutive records that advance the step and lie less than MAX_GAP_S apart (in-training
     evaluations included). `stops` counts the gaps left out."""
-    records = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+    records = read_jsonl(log_file)
     compute, stops = 0.0, 0
     for before, after in zip(records, records[1:]):
         dt = after["time"] - before["time"]
@@ -38,17 +38,21 @@ def training_time(log_file: Path) -> dict[str, float]:
     return {"compute_s": compute, "stops": stops, "span_s": span, "steps": records[-1]["step"] if records else 0}
 
 
-def count_parameters(folder: Path) -> dict[str, int]:
-    from safetensors import safe_open
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; none when it does not exist."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    counts = {}
-    for part in ("unet", "text_encoder", "vae"):
-        total = 0
-        for file in sorted((folder / part).glob("*.safetensors")):
-            with safe_open(str(file), "pt") as f:
-                total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
-        counts[part] = total
-    return counts
+
+def count_parameters(folder: Path) -> dict[str, int]:
+    from ..info import safetensors_header
+
+    return {
+        part: sum(math.prod(shape) for file in (folder / part).glob("*.safetensors")
+                  for shape in safetensors_header(file)[0].values())
+        for part in ("unet", "text_encoder", "vae")
+    }  # fmt: skip
 
 
 def replace_dir(staging: Path, out: Path) -> None:
@@ -79,11 +83,7 @@ def ship_teacher(run: Path, out: Path = SHIPPED_TEACHER, n_eval: int = 300, over
         raise ConfigError(f"--out {out} already holds a teacher: pass --overwrite to replace it")
     recipe = json.loads((run / "recipe.json").read_text())
     timing = training_time(run / "logs" / "train_log.jsonl")
-    history, sessions = (
-        [json.loads(line) for line in (run / name).read_text().splitlines() if line.strip()]
-        if (run / name).is_file() else []
-        for name in ("eval.jsonl", "sessions.jsonl")
-    )  # fmt: skip
+    history, sessions = read_jsonl(run / "eval.jsonl"), read_jsonl(run / "sessions.jsonl")
 
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
