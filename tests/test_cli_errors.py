@@ -130,3 +130,18 @@ def test_processes_that_accelerate_did_not_join_are_refused(capsys, tiny_sd, sha
         and len(err.splitlines()) == 1
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_every_distill_flag_is_explained_in_help(capsys):
+    from lcmkit.config import _section_fields
+
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in _section_fields():
+        flag = "--" + name.replace("_", "-")
+        entry = text.split(f" {flag} ", 1)[-1].split(" --", 1)[0]  # the flag's help text, up to the next flag
+        words = [w for w in entry.split() if w not in ("STR", "INT", "FLOAT")]
+        assert words and not words[0].startswith("["), f"{flag} has no description"
+    assert "--teacher-precision STR Storage of the frozen teacher UNet" in text
+    assert "[train; default auto]" in text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,7 +35,9 @@ class ModelConfig:
     teacher: str = ""
     """Hub id, local diffusers folder, or a single .safetensors checkpoint."""
     revision: str | None = None
+    """A hub revision (branch, tag or commit) of the teacher."""
     variant: str | None = None
+    """A weights variant of the teacher folder, e.g. fp16."""
     vae: str | None = None
     """A separate VAE (hub id or folder), e.g. an fp16-safe SDXL VAE."""
     teacher_config: str | None = None
@@ -48,39 +51,60 @@ class ModelConfig:
 @dataclass
 class LCDConfig:
     w_min: float = 3.0
+    """Lowest guidance scale w sampled per sample (the student learns the whole range)."""
     w_max: float = 15.0
+    """Highest guidance scale w sampled per sample."""
     num_ddim_timesteps: int = 50
+    """N, the teacher's DDIM skipping schedule: the ODE solver steps k = 1000 / N apart."""
     loss: str = "huber"
+    """Consistency distance: huber (pseudo-Huber, the LCM-LoRA paper) or l2."""
     huber_c: float = 0.001
+    """c of the pseudo-Huber loss sqrt(d^2 + c^2) - c."""
     timestep_scaling: float = 10.0
+    """Scales t in the boundary condition c_skip/c_out (the diffusers examples use 10)."""
     sigma_data: float = 0.5
+    """sigma_data of the boundary condition c_skip/c_out."""
     ema_decay: float = 0.95
+    """Decay of the full mode's EMA target (LoRA mode has no separate target)."""
     uncond: str = "auto"
     """Unconditional embedding: 'empty' (the empty prompt's), 'zeros' (the reference scripts'), or 'auto':
     what the teacher's own pipeline uses (zeros for SDXL with force_zeros_for_empty_prompt, else empty)."""
     guidance_embed_dim: int = 256
+    """Width of the w embedding that enters a full student through timestep_cond."""
 
 
 @dataclass
 class LoraConfig:
     lora_rank: int = 64
+    """Rank of the LCM-LoRA adapters."""
     lora_alpha: float | None = None
     """Defaults to lora_rank (scale 1)."""
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    """UNet module names that get adapters (attention, feed-forward, resnet convs, time embedding)."""
     lora_dropout: float = 0.0
+    """Dropout on the adapters' input."""
 
 
 @dataclass
 class OptimConfig:
     learning_rate: float = 1e-4
+    """Peak learning rate (the presets: 1e-6 full, 1e-4 LoRA)."""
     lr_scheduler: str = "constant"
+    """A diffusers scheduler name: constant, constant_with_warmup, linear, cosine, ..."""
     lr_warmup_steps: int = 0
+    """Steps of linear warm-up of the learning rate."""
     adam_beta1: float = 0.9
+    """AdamW's beta1."""
     adam_beta2: float = 0.999
+    """AdamW's beta2."""
     adam_epsilon: float = 1e-8
+    """AdamW's epsilon."""
     adam_weight_decay: float = 1e-2
+    """Weight decay (decoupled, AdamW's)."""
     max_grad_norm: float = 1.0
+    """Clip the gradient norm to this."""
     use_8bit_adam: bool = False
+    """bitsandbytes' 8-bit AdamW (CUDA only)."""
     optimizer: str = "adamw"
     """adamw, or adafactor (torch's: factored second moments, no first moment; a fraction of AdamW's state,
     for full LCD of large UNets in little memory)."""
@@ -95,8 +119,11 @@ class DataConfig:
     a .txt caption beside each image or metadata.jsonl / metadata.csv), hf:PATH (a datasets save_to_disk folder
     or parquet files) or cache:PATH (made by lcmkit cache). Without a prefix the kind is recognised."""
     resolution: int = 512
+    """Training images are resized (shorter side) and cropped to this square size in pixels."""
     center_crop: bool = True
+    """Crop the centre (else a random crop)."""
     random_flip: bool = False
+    """Flip images horizontally at random."""
     min_size: int = 0
     """Skip images whose shorter side is below this many pixels (0: keep all)."""
     max_aspect: float = 0.0
@@ -108,38 +135,62 @@ class DataConfig:
     caption_column: str = ""
     """hf: the caption column (found by name or type when empty)."""
     num_workers: int = 0
+    """Data loader worker processes (0: load in the training process)."""
     shuffle_buffer: int = 1000
+    """Samples held for shuffling a streamed source (deterministic for a seed)."""
 
 
 @dataclass
 class TrainConfig:
     out: str = ""
+    """Output folder: weights, checkpoints, logs, model card."""
     overwrite: bool = False
+    """Replace the outputs of a previous run in --out (its checkpoints too)."""
     resume: str | None = None
     """'latest' or a checkpoint folder."""
     max_steps: int = 1000
+    """Optimizer steps to train."""
     batch_size: int = 8
+    """Samples per step on each process."""
     gradient_accumulation_steps: int = 1
+    """Batches whose gradients add up to one optimizer step."""
     mixed_precision: str = "no"
+    """no, fp16 (CUDA) or bf16: the precision the step computes in (weights that train stay fp32)."""
+    teacher_precision: str = "auto"
+    """Storage of the frozen teacher UNet: auto (that of --mixed-precision), fp32, bf16 or fp16. A half-precision
+    teacher under --mixed-precision no computes in fp32, one layer at a time (diffusers' layerwise casting).
+    Full mode only: in LoRA mode the teacher is the student's own base weights."""
     gradient_checkpointing: bool = False
+    """Recompute the student's activations in the backward pass: less memory, ~30% more time."""
     attention: str = "sdpa"
+    """sdpa (torch's scaled_dot_product_attention) or default (diffusers' plain attention)."""
     cpu_conv: str = "auto"
     """CPU convolution kernels: onednn, native (faster for tiny work) or auto (native for a UNet below 50M
     parameters called on at most 2,048 latent positions)."""
     seed: int = 0
+    """Seeds data order, noise, timesteps and w: the same seed gives the same run."""
     checkpoint_every: int = 500
+    """Write a resumable checkpoint every this many steps (0: only at the end)."""
     checkpoints_total_limit: int | None = None
+    """Keep only this many newest checkpoints."""
     validation_every: int = 0
+    """Save a grid of validation images every this many steps (0: never)."""
     validation_prompts: list[str] = field(default_factory=list)
+    """Prompts of the validation grid."""
     validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    """Sampling steps shown in the validation grid."""
     report_to: str = "none"
+    """none, tensorboard or wandb."""
     log_every: int = 10
+    """Write loss and speed to logs/train_log.jsonl every this many steps."""
     progress: bool = True
+    """Show a progress bar."""
     push_to_hub: bool = False
     """Upload the finished outputs (weights, model card, run record, grids) with your huggingface_hub login."""
     hub_model_id: str | None = None
     """The repo for --push-to-hub (default: the --out folder's name under your account)."""
     hub_private: bool = False
+    """Make the --push-to-hub repo private."""
     max_nonfinite_steps: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
     profile_steps: int = 0
@@ -193,19 +244,45 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _field_docs() -> dict[str, str]:
+    """Field name -> the first sentence of its attribute docstring (the string under it in this module)."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    for cls in _sections().values():
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        for node, after in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                    text = " ".join(str(after.value.value).split())
+                    docs[node.target.id] = re.split(r"\.\s+(?=[A-Z])", text)[0].rstrip(".")
+    return docs
+
+
+def _defaults() -> dict[str, Any]:
+    values = {}
+    for cls in _sections().values():
+        instance = cls()
+        values.update({f.name: getattr(instance, f.name) for f in dataclasses.fields(cls)})
+    return values
+
+
 def add_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = SECTIONS) -> None:
     """One flag per option of `sections`; defaults are None so that unset flags do not override the file."""
     parser.add_argument("--config", help="TOML file with options (flags override it)")
     if sections == SECTIONS:
         parser.add_argument("--mode", choices=["full", "lora"], default=None)
         parser.add_argument("--preset", default=None, help="start from a shipped preset (see: lcmkit presets)")
-    owner = _section_fields()
+    owner, docs, defaults = _section_fields(), _field_docs(), _defaults()
     for name, tp in _field_types().items():
         if owner[name] not in sections:
             continue
         base, is_list = _base_type(tp)
         flag = "--" + name.replace("_", "-")
-        group = f"[{owner[name]}]"
+        default = defaults[name]
+        shown = "" if default in (None, "", []) else f"; default {' '.join(map(str, default)) if is_list else default}"
+        group = ((f"{docs[name]} " if name in docs else "") + f"[{owner[name]}{shown}]").replace("%", "%%")
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=group)
         elif is_list:
@@ -340,6 +417,13 @@ def validate(cfg: DistillConfig) -> DistillConfig:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(tr, name)}: must be >= 1")
     if tr.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"--mixed-precision {tr.mixed_precision!r}: choose no, fp16 or bf16")
+    if tr.teacher_precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"--teacher-precision {tr.teacher_precision!r}: choose auto, fp32, bf16 or fp16")
+    if tr.teacher_precision != "auto" and cfg.mode != "full":
+        raise ConfigError(
+            f"--teacher-precision {tr.teacher_precision}: only for --mode full (in LoRA mode the teacher is the "
+            "student's base weights, stored as --mixed-precision says)"
+        )
     if cfg.optim.optimizer not in ("adamw", "adafactor"):
         raise ConfigError(f"--optimizer {cfg.optim.optimizer!r}: choose adamw or adafactor")
     if tr.cpu_conv not in ("auto", "onednn", "native"):

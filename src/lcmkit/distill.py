@@ -41,6 +41,7 @@ RUN_RECORD = "lcmkit_run.json"
 OUTPUTS = (RUN_RECORD, "README.md", "pytorch_lora_weights.safetensors", "unet", "unet_online", "pipeline", "validation",
            "logs", CHECKPOINT_DIR)  # fmt: skip
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -312,7 +313,8 @@ def _run(
     device = accelerator.device
 
     frozen_dtype = DTYPES[cfg.train.mixed_precision]
-    models = build_lcd_models(teacher, cfg.mode, cfg.lcd, cfg.lora, frozen_dtype, device)
+    teacher_storage = PRECISIONS.get(cfg.train.teacher_precision)
+    models = build_lcd_models(teacher, cfg.mode, cfg.lcd, cfg.lora, frozen_dtype, device, teacher_storage)
     for module in (models.student_unet, models.teacher_unet, models.target_unet, teacher.vae, *teacher.text_encoders):
         if module is not None:
             module.to(device)

@@ -167,9 +167,11 @@ def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teache
 
 
 def unet_call(
-    unet: nn.Module, z_t: Tensor, t: Tensor, cond: Conditioning, timestep_cond: Tensor | None = None
-) -> Tensor:
-    dtype = next(unet.parameters()).dtype
+    unet: nn.Module, z_t: Tensor, t: Tensor, cond: Conditioning, timestep_cond: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:  # fmt: skip
+    """The UNet's output for inputs cast to `dtype` (default: its weights' dtype)."""
+    dtype = dtype or next(unet.parameters()).dtype
     if timestep_cond is not None:
         timestep_cond = timestep_cond.to(dtype)
     return unet(z_t.to(dtype), t, timestep_cond=timestep_cond, **cond.to(dtype=dtype).unet_kwargs()).sample
@@ -206,6 +208,10 @@ class LCDModels:
     teacher_unet: nn.Module
     guidance_embed_dim: int
     ema_decay: float
+    teacher_dtype: torch.dtype = torch.float32
+    """What the teacher computes in (its weights may be stored in less: see store_teacher)."""
+    target_autocast: torch.dtype | None = None
+    """Full mode under mixed precision: the fp32 target computes in this dtype."""
 
     def student_forward(self, unet: nn.Module | None = None):
         """The student callable; `unet` may be the accelerate-wrapped module (DDP)."""
@@ -215,12 +221,15 @@ class LCDModels:
         return lambda z, t, c, w: unet_call(unet, z, t, c)
 
     def teacher(self, z_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        return unet_call(self.teacher_unet, z_t, t, cond)
+        return unet_call(self.teacher_unet, z_t, t, cond, dtype=self.teacher_dtype)
 
     def target(self, z_t: Tensor, t: Tensor, cond: Conditioning, w: Tensor) -> Tensor:
-        if self.mode == "full":
-            return unet_call(self.target_unet, z_t, t, cond, guidance_scale_embedding(w, self.guidance_embed_dim))
-        return unet_call(self.student_unet, z_t, t, cond)
+        if self.mode != "full":
+            return unet_call(self.student_unet, z_t, t, cond)
+        w_embedding = guidance_scale_embedding(w, self.guidance_embed_dim)
+        dtype = self.target_autocast
+        with torch.autocast(z_t.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return unet_call(self.target_unet, z_t, t, cond, w_embedding)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.student_unet.parameters() if p.requires_grad]
@@ -230,13 +239,8 @@ class LCDModels:
         """theta- <- decay theta- + (1 - decay) theta (full LCD only)."""
         if self.target_unet is None:
             return
-        target = list(self.target_unet.parameters())
-        online = list(self.student_unet.parameters())
-        if target[0].dtype == online[0].dtype:
-            torch._foreach_lerp_(target, online, 1.0 - self.ema_decay)
-            return
-        for t, p in zip(target, online):  # a half-precision target: the update in fp32, one tensor at a time
-            t.copy_(t.float().lerp_(p.float(), 1.0 - self.ema_decay))
+        torch._foreach_lerp_(list(self.target_unet.parameters()), list(self.student_unet.parameters()),
+                             1.0 - self.ema_decay)  # fmt: skip
 
     def checkpoint_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"student": TrainableState(self.student_unet)}
@@ -273,17 +277,22 @@ def lora_config(cfg: LoraConfig) -> Any:
 
 def build_lcd_models(
     teacher: Teacher, mode: str, lcd: LCDConfig, lora: LoraConfig, frozen_dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", teacher_storage: torch.dtype | None = None,
 ) -> LCDModels:  # fmt: skip
-    """Full: student = teacher + w input (fp32, trains), target = EMA of it, teacher frozen (frozen_dtype).
+    """Full: student = teacher + w input (fp32, trains), target = EMA of it (fp32, computed in frozen_dtype),
+    teacher frozen (stored in teacher_storage, default frozen_dtype: see store_teacher).
     LoRA: one set of UNet weights: student = teacher + adapters, teacher = a plain view of the base weights
     (= adapters disabled), target = student (no grad). Models are built on `device`."""
     if mode == "full":
         student = make_full_student(teacher.unet, lcd.guidance_embed_dim).float()
         student.requires_grad_(True).train()
-        target = copy.deepcopy(student).requires_grad_(False).to(frozen_dtype)  # updated in fp32: update_ema
-        teacher.unet.to(frozen_dtype)
-        return LCDModels("full", student, target, teacher.unet, lcd.guidance_embed_dim, lcd.ema_decay)
+        # The target stays fp32: an EMA increment, (1 - decay) x one step's change, is far below the rounding step
+        # of a half-precision weight, so a bf16/fp16 target would hardly ever move (tests/test_models.py).
+        target = copy.deepcopy(student).requires_grad_(False)
+        teacher_dtype = store_teacher(teacher.unet, teacher_storage or frozen_dtype, frozen_dtype)
+        autocast = frozen_dtype if frozen_dtype != torch.float32 else None
+        return LCDModels("full", student, target, teacher.unet, lcd.guidance_embed_dim, lcd.ema_decay,
+                         teacher_dtype, autocast)  # fmt: skip
     unet = teacher.unet.to(device=device, dtype=frozen_dtype)
     plain = base_view(unet)
     try:
@@ -294,7 +303,19 @@ def build_lcd_models(
         if p.requires_grad:
             p.data = p.data.float()
     unet.train()
-    return LCDModels("lora", unet, None, plain, lcd.guidance_embed_dim, lcd.ema_decay)
+    return LCDModels("lora", unet, None, plain, lcd.guidance_embed_dim, lcd.ema_decay, frozen_dtype)
+
+
+def store_teacher(unet: nn.Module, storage: torch.dtype, run_dtype: torch.dtype) -> torch.dtype:
+    """Keep the frozen teacher's weights in `storage` and return the dtype it computes in: fp32 for an fp32
+    teacher, else the run's. A teacher stored in less than that (bf16 under --mixed-precision no) is cast up one
+    layer at a time during its forward (diffusers' layerwise casting; norms stay in full precision)."""
+    compute = torch.float32 if storage == torch.float32 else run_dtype
+    if storage == compute:
+        unet.to(storage)
+    else:
+        unet.to(compute).enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
+    return compute
 
 
 def base_view(unet: nn.Module) -> nn.Module:
