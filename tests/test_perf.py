@@ -136,10 +136,42 @@ def test_teacher_precision_option(tiny_sd, shards, tmp_path):
     assert run_cli(*lora) == 2
 
 
-def test_adafactor_option(tiny_sd, shards, tmp_path):
-    out = tmp_path / "ada"
-    assert run_cli(*distill_args(tiny_sd, shards, out, "full", "--max-steps", "2", "--optimizer", "adafactor")) == 0
-    assert sorted(losses(out)) == [1, 2]
+def test_adafactor_factors_convolutions_as_matrices():
+    from lcmkit.distill import MatrixAdafactor
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(8, 4, 3, 3), (8, 4), (8,)]
+    values = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    ours = [torch.nn.Parameter(v.clone()) for v in values]
+    as_matrix = [torch.nn.Parameter(v.clone().reshape(v.shape[0], -1) if v.dim() > 2 else v.clone()) for v in values]
+    opt_a = MatrixAdafactor(ours, lr=1e-2, weight_decay=1e-2)
+    opt_b = torch.optim.Adafactor(as_matrix, lr=1e-2, weight_decay=1e-2)
+    for step in grads:
+        for p, q, gr in zip(ours, as_matrix, step):
+            p.grad, q.grad = gr.clone(), gr.clone().reshape(q.shape)
+        opt_a.step()
+        opt_b.step()
+    for p, q, v in zip(ours, as_matrix, values):
+        assert p.shape == v.shape
+        torch.testing.assert_close(p.detach().reshape(q.shape), q.detach(), rtol=0, atol=0)
+        assert not torch.equal(p.detach(), v)  # it moved
+    conv_state = opt_a.state[ours[0]]
+    assert conv_state["row_var"].shape == (8, 1) and conv_state["col_var"].shape == (1, 36)
+
+
+def test_adafactor_option_resumes_exactly(tiny_sd, shards, tmp_path):
+    args = ["--optimizer", "adafactor", "--checkpoint-every", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_cli(*distill_args(tiny_sd, shards, straight, "full", *args, "--max-steps", "4")) == 0
+    assert run_cli(*distill_args(tiny_sd, shards, resumed, "full", *args, "--max-steps", "2")) == 0
+    (resumed / "lcmkit_run.json").unlink()
+    again = ["--max-steps", "4", "--resume", "latest"]
+    assert run_cli(*distill_args(tiny_sd, shards, resumed, "full", *args, *again)) == 0
+    a, b = losses(straight), losses(resumed)
+    assert sorted(a) == [1, 2, 3, 4] and sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):  # the factored optimizer state came back from the checkpoint
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
     assert run_cli(*distill_args(tiny_sd, shards, tmp_path / "bad", "full", "--optimizer", "sgd")) == 2
 
 
