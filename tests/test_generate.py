@@ -167,3 +167,31 @@ def test_compiled_generation_matches_eager_with_loras_fused(tiny_sd, sd_lora):
     assert not compiled_gen.has_teacher  # the adapters are fused: no teacher view
     base = arr(FewStepGenerator(base=tiny_sd)(["a red square"], **kw))
     assert np.abs(compiled - base).max() > 2
+
+
+def test_subpixel_upsample_equals_nearest_upsample_then_conv(tiny_sd):
+    import copy
+
+    import torch
+    from diffusers import AutoencoderKL
+    from diffusers.models.upsampling import Upsample2D
+
+    from lcmkit.sample import SubpixelUpsample, subpixel_vae_decoder
+
+    torch.manual_seed(0)
+    up = Upsample2D(8, use_conv=True, out_channels=6)
+    fast = SubpixelUpsample(up)
+    x = torch.randn(2, 8, 5, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), up(x), rtol=0, atol=1e-5)
+        odd = (11, 15)  # not 2x: the original module does it
+        torch.testing.assert_close(fast(x, odd), up(x, odd), rtol=0, atol=0)
+    assert not SubpixelUpsample.applies_to(Upsample2D(8, use_conv=True, kernel_size=5, padding=2))
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    swapped = copy.deepcopy(vae)
+    assert subpixel_vae_decoder(swapped) == sum(len(b.upsamplers or []) for b in vae.decoder.up_blocks) > 0
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        a, b = vae.decode(z).sample, swapped.decode(z).sample
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert FewStepGenerator(base=tiny_sd).subpixel_upsamplers > 0  # generate, serve and bench use it on a CPU
