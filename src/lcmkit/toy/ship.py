@@ -147,7 +147,8 @@ folder (epsilon prediction, Stable Diffusion's scaled-linear noise schedule, the
 {params["text_encoder"] / 1e6:.2f}M |
 | AutoencoderKL (trained first, 16x16x4 latents; lcmkit/toy/assets/vae) | {params["vae"] / 1e6:.2f}M |
 
-Weights are stored in fp16 (safetensors); load them in fp32 on a CPU.
+UNet and VAE weights are stored in fp16, the text encoder in fp32 (safetensors); a plain `from_pretrained` loads
+them all in fp32, which is what a CPU wants.
 
 ## How it was made
 

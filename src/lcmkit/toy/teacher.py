@@ -164,7 +164,11 @@ def save_pipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
-    pipe.to(dtype).save_pretrained(out, safe_serialization=True)
+    pipe.to(dtype)
+    # transformers loads a model in its stored dtype, diffusers upcasts to fp32: a half-precision text encoder
+    # beside an fp32 UNet would fail a plain from_pretrained. The encoder is small; keep it fp32.
+    pipe.text_encoder.to(torch.float32)
+    pipe.save_pretrained(out, safe_serialization=True)
     pipe.to(torch.float32)
 
 
