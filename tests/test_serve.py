@@ -158,6 +158,19 @@ def test_bench_serve_prints_latency_per_step_count(tiny_sd, tiny_sd_lora, tmp_pa
     assert main(["bench", "serve", "--base", tiny_sd, "--lora", tiny_sd_lora, "--steps", "9"]) == 2
 
 
+def test_without_a_model_it_serves_the_shipped_toy_teacher_and_lcm_lora(capsys):
+    import argparse
+
+    from lcmkit.cli import _serve_generator
+
+    names = ("base", "lora", "lcm", "base_config")
+    args = argparse.Namespace(**dict.fromkeys(names), scheduler="lcm", device="cpu", dtype="auto", compile=False)
+    gen = _serve_generator(args)
+    assert gen.adapters and gen.pipe.unet.config.sample_size == 16  # the toy teacher, LoRA loaded
+    assert main(["bench", "serve", "--steps", "2", "--repeats", "2"]) == 0  # no model arguments at all
+    assert "| 2 |" in capsys.readouterr().out
+
+
 def test_a_compiled_generator_is_warmed_up_before_serving(tiny_sd, monkeypatch):
     """With --compile the first (compiling) call happens before the server listens, at the default size."""
     import uvicorn

@@ -305,6 +305,13 @@ def _bench_soak(args: argparse.Namespace) -> int:
     return 0
 
 
+def toy_aliases(teacher: str | None, lora: str | None) -> tuple[str | None, str | None]:
+    """--teacher toy / --lora toy: the shipped toy teacher and LCM-LoRA (checked)."""
+    from .toy.demo import toy_lora, toy_teacher
+
+    return (toy_teacher() if teacher == "toy" else teacher), (toy_lora() if lora == "toy" else lora)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .eval import EvalSettings, cycle, optional_scorers, parse_steps, read_prompts, run_eval
 
@@ -312,15 +319,8 @@ def _eval(args: argparse.Namespace) -> int:
     if n is not None and n < 1:
         raise ConfigError(f"--num-images {n}: must be >= 1")
     steps = parse_steps(args.steps or ("1,2" if args.quick else "1,2,4,8"))
-    teacher, lora, toy_scorers = args.teacher, args.lora, []
-    if teacher == "toy":
-        from .toy.demo import toy_teacher
-
-        teacher = toy_teacher()
-    if lora == "toy":
-        from .toy.demo import toy_lora
-
-        lora = toy_lora()
+    teacher, lora = toy_aliases(args.teacher, args.lora)
+    toy_scorers = []
     if args.prompts == "toy":  # toy captions, scored by the toy checker and probe
         from .toy.demo import toy_prompts, toy_scores
 
@@ -362,6 +362,9 @@ def _bench_generate(args: argparse.Namespace) -> int:
     from .bench import GenerateBench, bench_generate, generate_table
 
     given = {f.name: getattr(args, f.name) for f in fields(GenerateBench) if getattr(args, f.name, None) is not None}
+    given["teacher"], lora = toy_aliases(given["teacher"], given.get("lora"))
+    if lora is not None:
+        given["lora"] = lora
     record = bench_generate(GenerateBench(**given))
     print(generate_table(record["generate"]))
     ours = record["generate"][0]
