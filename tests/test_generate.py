@@ -190,6 +190,7 @@ def test_subpixel_upsample_equals_nearest_upsample_then_conv(tiny_sd):
     vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
     swapped = copy.deepcopy(vae)
     assert subpixel_vae_decoder(swapped) == sum(len(b.upsamplers or []) for b in vae.decoder.up_blocks) > 0
+    assert swapped.state_dict().keys() == vae.state_dict().keys()  # save_pretrained writes a loadable VAE
     z = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
         a, b = vae.decode(z).sample, swapped.decode(z).sample

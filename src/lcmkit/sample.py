@@ -225,7 +225,8 @@ class SubpixelUpsample(torch.nn.Module):
 
     def __init__(self, upsample: torch.nn.Module):
         super().__init__()
-        self.fallback = upsample
+        self.conv = upsample.conv  # the same state-dict keys as Upsample2D: save_pretrained writes a loadable VAE
+        object.__setattr__(self, "fallback", upsample)  # not a submodule: its conv would be saved twice
         w = upsample.conv.weight.detach()
         rows = (  # phase 0 reads source rows (i-1, i), phase 1 rows (i, i+1)
             torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
@@ -255,7 +256,7 @@ class SubpixelUpsample(torch.nn.Module):
         if output_size is not None and tuple(output_size) != (2 * h, 2 * w):
             return self.fallback(hidden_states, output_size, *args, **kwargs)
         x = torch.nn.functional.pad(hidden_states, (1, 1, 1, 1))
-        bias = self.fallback.conv.bias
+        bias = self.conv.bias
         phases = [
             torch.nn.functional.conv2d(x[:, :, a : a + h + 1, b : b + w + 1], self.kernels[2 * a + b], bias)
             for a in (0, 1)
