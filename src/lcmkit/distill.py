@@ -22,7 +22,7 @@ from .config import ConfigError, DistillConfig, validate
 from .data import ImageTransform, SampleStream, SkipTally, Source, make_dataloader, resolve_data, summarize_skips
 from .lcd import LCDSettings, lcd_loss
 from .lock import RunLock
-from .models import LCDModels, Teacher, build_lcd_models, load_teacher, save_full_lcm, save_lora
+from .models import PRECISIONS, LCDModels, Teacher, build_lcd_models, load_teacher, save_full_lcm, save_lora
 from .sample import generate, image_grid, lcm_pipeline
 from .train import (
     CHECKPOINT_DIR,
@@ -40,8 +40,7 @@ log = logging.getLogger(__name__)
 RUN_RECORD = "lcmkit_run.json"
 OUTPUTS = (RUN_RECORD, "README.md", "pytorch_lora_weights.safetensors", "unet", "unet_online", "pipeline", "validation",
            "logs", CHECKPOINT_DIR)  # fmt: skip
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 
 
 @dataclass

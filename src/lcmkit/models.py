@@ -22,6 +22,9 @@ from .lcd import NoiseSchedule, guidance_scale_embedding
 from .safe_load import check_weights_folder, is_pickle, refuse_pickle, weights_file
 from .safe_load import first_line as _first_line
 
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""The precision names of every --dtype-like option."""
+
 
 def pipeline_class(family: str) -> type:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline

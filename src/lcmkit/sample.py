@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
-from .models import Teacher, dtype_kwarg, pipeline_class
+from .models import PRECISIONS, Teacher, dtype_kwarg, pipeline_class
 
 SAMPLERS = ("ddim", "dpm++")
 
@@ -139,7 +139,7 @@ def pick_device(device: str = "auto") -> str:
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.float16 if device in ("cuda", "mps") else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    return PRECISIONS[dtype]
 
 
 def lora_target_modules(path: str | Path, family: str = "sd") -> dict[str, tuple[int, ...]]:

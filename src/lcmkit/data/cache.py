@@ -177,7 +177,9 @@ def build_cache(
             p.unlink(missing_ok=True)
         done = {"settings": settings, "shards": [], "skipped": {}}
 
-    store = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    from ..models import PRECISIONS
+
+    store = PRECISIONS[dtype]
     teacher.vae.to(device)
     for encoder in teacher.text_encoders:
         encoder.to(device)
