@@ -16,10 +16,10 @@ def test_bench_distill_reports_both_modes(tiny_sd, shards, tmp_path, capsys):
             "--resolution", "64", "--lora-rank", "4", "--cache", "--json", str(out)]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "| lora | raw | 2 | 64 |" in printed and "| full | cache | 2 | 64 |" in printed
+    assert "| lora | raw | no | 2 | 64 |" in printed and "| full | cache | no | 2 | 64 |" in printed
     record = json.loads(out.read_text())
-    assert [(r["mode"], r["data"]) for r in record["distill"]] == [
-        ("lora", "raw"), ("lora", "cache"), ("full", "raw"), ("full", "cache")
+    assert [(r["mode"], r["data"], r["compiled"]) for r in record["distill"]] == [
+        ("lora", "raw", False), ("lora", "cache", False), ("full", "raw", False), ("full", "cache", False)
     ]  # fmt: skip
     assert record["distill"][1]["cache_build_s"] > 0
     for row in record["distill"]:

@@ -65,11 +65,12 @@ def _run_lcmkit(args: list[str], what: str) -> None:
 def bench_distill(
     teacher: str | None, data: str | None, modes: list[str], steps: int, batch_size: int, resolution: int,
     lora_rank: int, extra: list[str] | None = None, teacher_config: str | None = None, cache: bool = False,
-    arch: str | None = None, profile: bool = False,
+    arch: str | None = None, profile: bool = False, compile: bool = False,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Run `lcmkit distill` once per mode (and per data kind: raw, and from an lcmkit cache of the same data when
-    `cache`) in a subprocess; the first step (warm-up) is excluded from medians. `arch` builds that public
-    architecture with random weights (and, without `data`, a small synthetic image folder) in a temporary folder.
+    `cache`; eager, and with --compile too when `compile`) in a subprocess; the first step (warm-up) is excluded
+    from medians. `arch` builds that public architecture with random weights (and, without `data`, a small
+    synthetic image folder) in a temporary folder.
     `profile` adds the time per phase of the step (see --profile-steps)."""
     if steps < 3:
         raise ConfigError(f"--steps {steps}: use at least 3 (the first step is warm-up)")
@@ -86,12 +87,12 @@ def bench_distill(
             data = data or synthetic_images(Path(arch_dir) / "images", n=max(8, batch_size * 4), size=resolution)
         extra = [*(extra or []), *(["--profile-steps", str(steps - 1)] if profile else [])]
         return _bench_distill_runs(teacher, data, modes, steps, batch_size, resolution, lora_rank, extra,
-                                   teacher_config, cache)  # fmt: skip
+                                   teacher_config, cache, compile)  # fmt: skip
 
 
 def _bench_distill_runs(
     teacher: str, data: str, modes: list[str], steps: int, batch_size: int, resolution: int, lora_rank: int,
-    extra: list[str], teacher_config: str | None, cache: bool,
+    extra: list[str], teacher_config: str | None, cache: bool, compile: bool = False,
 ) -> list[dict[str, Any]]:  # fmt: skip
     rows = []
     model_args = ["--teacher", teacher] + (["--teacher-config", teacher_config] if teacher_config else [])
@@ -104,24 +105,27 @@ def _bench_distill_runs(
                          "--resolution", str(resolution), "--no-progress"], "cache")  # fmt: skip
             cache_s = time.perf_counter() - start
             sources.append(("cache", f"cache:{cache_dir}"))
-        for mode in modes:
-            for kind, spec in sources:
-                with tempfile.TemporaryDirectory(prefix=f"lcmkit-bench-{mode}-") as tmp:
-                    start = time.perf_counter()
-                    _run_lcmkit(["distill", *model_args, "--data", spec, "--out", tmp, "--overwrite", "--mode", mode,
-                                 "--max-steps", str(steps), "--batch-size", str(batch_size),
-                                 "--resolution", str(resolution), "--lora-rank", str(lora_rank),
-                                 "--checkpoint-every", "0", "--no-progress", *(extra or [])], mode)  # fmt: skip
-                    record = json.loads((Path(tmp) / "lcmkit_run.json").read_text())
-                    profile_file = Path(tmp) / "profile.json"
-                    profile = json.loads(profile_file.read_text()) if profile_file.is_file() else None
-                rows.append({
-                    "mode": mode, "data": kind, "steps": steps, "batch_size": batch_size, "resolution": resolution,
-                    "median_s_per_step": record["median_s_per_step"], "samples_per_s": record["samples_per_s"],
-                    "peak_rss_mb": record["peak_rss_mb"], "wall_s": time.perf_counter() - start,
-                    **({"cache_build_s": cache_s} if kind == "cache" else {}),
-                    **({"profile": profile} if profile else {}),
-                })  # fmt: skip
+        runs = [(mode, kind, spec, compiled) for mode in modes for kind, spec in sources
+                for compiled in ([False, True] if compile else [False])]  # fmt: skip
+        for mode, kind, spec, compiled in runs:
+            with tempfile.TemporaryDirectory(prefix=f"lcmkit-bench-{mode}-") as tmp:
+                start = time.perf_counter()
+                _run_lcmkit(["distill", *model_args, "--data", spec, "--out", tmp, "--overwrite", "--mode", mode,
+                             "--max-steps", str(steps), "--batch-size", str(batch_size),
+                             "--resolution", str(resolution), "--lora-rank", str(lora_rank),
+                             "--checkpoint-every", "0", "--no-progress", *(["--compile"] if compiled else []),
+                             *(extra or [])], mode)  # fmt: skip
+                record = json.loads((Path(tmp) / "lcmkit_run.json").read_text())
+                profile_file = Path(tmp) / "profile.json"
+                profile = json.loads(profile_file.read_text()) if profile_file.is_file() else None
+            rows.append({
+                "mode": mode, "data": kind, "compiled": compiled, "steps": steps, "batch_size": batch_size,
+                "resolution": resolution,
+                "median_s_per_step": record["median_s_per_step"], "samples_per_s": record["samples_per_s"],
+                "peak_rss_mb": record["peak_rss_mb"], "wall_s": time.perf_counter() - start,
+                **({"cache_build_s": cache_s} if kind == "cache" else {}),
+                **({"profile": profile} if profile else {}),
+            })  # fmt: skip
     return rows
 
 
@@ -133,8 +137,9 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = ["mode", "data", "batch", "resolution", "median s/step", "samples/s", "peak RSS MB"]
-    cells = [[r["mode"], r.get("data", "raw"), str(r["batch_size"]), str(r["resolution"]),
+    header = ["mode", "data", "compiled", "batch", "resolution", "median s/step", "samples/s", "peak RSS MB"]
+    cells = [[r["mode"], r.get("data", "raw"), "yes" if r.get("compiled") else "no", str(r["batch_size"]),
+              str(r["resolution"]),
               f"{r['median_s_per_step']:.3f}", f"{r['samples_per_s']:.1f}", f"{r['peak_rss_mb']:.0f}"]
              for r in rows]  # fmt: skip
     text = markdown(header, cells)
@@ -145,7 +150,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             phases.append(
                 ["(unlabelled)", f"{p['unlabelled_ms']:.1f}", f"{100 * p['unlabelled_ms'] / p['ms_per_step']:.0f}%"]
             )
-            text += f"\nwhere a step goes: {r['mode']}, {r.get('data', 'raw')} ({p['ms_per_step']:.1f} ms/step over "
+            run = f"{r['mode']}, {r.get('data', 'raw')}" + (", compiled" if r.get("compiled") else "")
+            text += f"\nwhere a step goes: {run} ({p['ms_per_step']:.1f} ms/step over "
             text += f"{p['steps']} profiled steps)\n" + markdown(["phase", "ms/step", "share"], phases)
     return text
 

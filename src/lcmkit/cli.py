@@ -278,7 +278,7 @@ def _bench_distill(args: argparse.Namespace) -> int:
 
     rows = bench_distill(args.teacher, args.data, args.modes, args.steps, args.batch_size, args.resolution,
                          args.lora_rank, shlex.split(args.distill_args), teacher_config=args.teacher_config,
-                         cache=args.cache, arch=args.arch, profile=args.profile)  # fmt: skip
+                         cache=args.cache, arch=args.arch, profile=args.profile, compile=args.compile)  # fmt: skip
     print(table(rows))
     _write_json(args.json, {"machine": machine(), "distill": rows})
     return 0
@@ -538,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--lora-rank", type=int, default=64)
     bd.add_argument("--cache", action="store_true", help="also run each mode from an lcmkit cache of --data")
     bd.add_argument("--profile", action="store_true", help="also break each step down by phase (torch.profiler)")
+    bd.add_argument("--compile", action="store_true", help="also run each mode with distill --compile (torch.compile)")
     bd.add_argument("--distill-args", default="", help="extra distill flags, e.g. '--gradient-checkpointing'")
     bd.add_argument("--json", help="also write the results (with machine info) to this file")
     bd.set_defaults(func=_bench_distill)

@@ -345,6 +345,10 @@ def _run(
             unet.set_attn_processor(AttnProcessor())
     if cfg.train.gradient_checkpointing:
         models.student_unet.enable_gradient_checkpointing()
+    if cfg.train.compile:  # in place: parameter names, checkpoints and saved weights stay as they are
+        for unet in (models.student_unet, models.teacher_unet, models.target_unet):
+            if unet is not None:
+                unet.compile()
 
     optimizer = make_optimizer(models.trainable_parameters(), cfg)
     lr_scheduler = get_scheduler(
