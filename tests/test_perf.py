@@ -85,6 +85,29 @@ def test_compiled_step_keeps_the_fixed_seed_losses(tiny_sd, shards, tmp_path):
     assert diff.max() <= 6e-3 and (diff > 1e-4).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_channels_last_keeps_the_losses(tiny_sd, shards, tmp_path, mode):
+    """--channels-last on (the default on CUDA) lays every UNet's convolution weights out channels-last, keeps the
+    LoRA teacher a view of the student's own weights, and trains the same: the same fixed-seed losses."""
+    models = build_lcd_models(load_teacher(ModelConfig(teacher=tiny_sd)), mode, LCDConfig(), LoraConfig(lora_rank=4),
+                              memory_format=torch.channels_last)  # fmt: skip
+    for unet in (models.student_unet, models.teacher_unet, models.target_unet):
+        if unet is not None:
+            for conv in (unet.conv_in, unet.down_blocks[0].resnets[0].conv1):  # the second has LoRA adapters
+                weight = conv.base_layer.weight if hasattr(conv, "base_layer") else conv.weight
+                assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    if mode == "lora":
+        view, adapted = (m.down_blocks[0].resnets[0].conv1 for m in (models.teacher_unet, models.student_unet))
+        assert view.weight.data_ptr() == adapted.base_layer.weight.data_ptr()
+    runs = {}
+    for layout in ("on", "off"):
+        out = tmp_path / layout
+        assert run_cli(*distill_args(tiny_sd, shards, out, mode, "--max-steps", "2", "--channels-last", layout)) == 0
+        runs[layout] = losses(out)
+    assert runs["on"][1] == pytest.approx(runs["off"][1], rel=1e-4)
+    assert runs["on"][2] == pytest.approx(runs["off"][2], rel=1e-2)
+
+
 def test_fused_adamw_makes_the_same_update():
     from lcmkit.config import DistillConfig
     from lcmkit.distill import make_optimizer

@@ -167,6 +167,9 @@ class TrainConfig:
     cpu_conv: str = "auto"
     """CPU convolution kernels: onednn, native (faster for tiny work) or auto (native for a UNet below 50M
     parameters called on at most 2,048 latent positions)."""
+    channels_last: str = "auto"
+    """UNet memory layout: on (channels_last), off, or auto (on for CUDA, where convolutions run faster in it;
+    off on CPU, where it measured slower)."""
     compile: bool = False
     """torch.compile the UNets of the step (student, teacher, target): a faster step after a one-off compile of
     minutes on a CPU (a new batch shape compiles again); worth it for long runs."""
@@ -431,6 +434,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ConfigError(f"--optimizer {cfg.optim.optimizer!r}: choose adamw or adafactor")
     if tr.cpu_conv not in ("auto", "onednn", "native"):
         raise ConfigError(f"--cpu-conv {tr.cpu_conv!r}: choose auto, onednn or native")
+    if tr.channels_last not in ("auto", "on", "off"):
+        raise ConfigError(f"--channels-last {tr.channels_last!r}: choose auto, on or off")
     if tr.attention not in ("sdpa", "default"):
         raise ConfigError(f"--attention {tr.attention!r}: choose sdpa or default")
     if tr.report_to not in ("none", "tensorboard", "wandb"):

@@ -334,7 +334,9 @@ def _run(
 
     frozen_dtype = DTYPES[cfg.train.mixed_precision]
     teacher_storage = PRECISIONS.get(cfg.train.teacher_precision)
-    models = build_lcd_models(teacher, cfg.mode, cfg.lcd, cfg.lora, frozen_dtype, device, teacher_storage)
+    channels_last = cfg.train.channels_last == "on" or (cfg.train.channels_last == "auto" and device.type == "cuda")
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    models = build_lcd_models(teacher, cfg.mode, cfg.lcd, cfg.lora, frozen_dtype, device, teacher_storage, layout)
     for module in (models.student_unet, models.teacher_unet, models.target_unet, teacher.vae, *teacher.text_encoders):
         if module is not None:
             module.to(device)

@@ -281,22 +281,25 @@ def lora_config(cfg: LoraConfig) -> Any:
 def build_lcd_models(
     teacher: Teacher, mode: str, lcd: LCDConfig, lora: LoraConfig, frozen_dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu", teacher_storage: torch.dtype | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> LCDModels:  # fmt: skip
     """Full: student = teacher + w input (fp32, trains), target = EMA of it (fp32, computed in frozen_dtype),
     teacher frozen (stored in teacher_storage, default frozen_dtype: see store_teacher).
     LoRA: one set of UNet weights: student = teacher + adapters, teacher = a plain view of the base weights
-    (= adapters disabled), target = student (no grad). Models are built on `device`."""
+    (= adapters disabled), target = student (no grad). Models are built on `device`, their weights in
+    `memory_format`."""
     if mode == "full":
-        student = make_full_student(teacher.unet, lcd.guidance_embed_dim).float()
+        student = make_full_student(teacher.unet, lcd.guidance_embed_dim).to(torch.float32, memory_format=memory_format)
         student.requires_grad_(True).train()
         # The target stays fp32: an EMA increment, (1 - decay) x one step's change, is far below the rounding step
         # of a half-precision weight, so a bf16/fp16 target would hardly ever move (tests/test_models.py).
         target = copy.deepcopy(student).requires_grad_(False)
-        teacher_dtype = store_teacher(teacher.unet, teacher_storage or frozen_dtype, frozen_dtype)
+        teacher_dtype = store_teacher(teacher.unet.to(memory_format=memory_format), teacher_storage or frozen_dtype,
+                                      frozen_dtype)  # fmt: skip
         autocast = frozen_dtype if frozen_dtype != torch.float32 else None
         return LCDModels("full", student, target, teacher.unet, lcd.guidance_embed_dim, lcd.ema_decay,
                          teacher_dtype, autocast)  # fmt: skip
-    unet = teacher.unet.to(device=device, dtype=frozen_dtype)
+    unet = teacher.unet.to(device=device, dtype=frozen_dtype, memory_format=memory_format)
     plain = base_view(unet)
     try:
         unet.add_adapter(lora_config(lora))
