@@ -349,8 +349,8 @@ def _run(
         models.student_unet.enable_gradient_checkpointing()
     if cfg.train.compile:  # in place: parameter names, checkpoints and saved weights stay as they are
         for unet in (models.student_unet, models.teacher_unet, models.target_unet):
-            if unet is not None:
-                unet.compile()
+            if unet is not None:  # never inductor's freezing: it bakes the weights in, and these change every step
+                unet.compile(options={"freezing": False})
 
     optimizer = make_optimizer(models.trainable_parameters(), cfg)
     lr_scheduler = get_scheduler(
