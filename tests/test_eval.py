@@ -153,6 +153,20 @@ def test_quick_eval_on_the_tiny_teacher_writes_the_report(tiny_sd, tiny_sd_lora,
     assert plot.width >= 600 and plot.height >= 400
 
 
+def test_teacher_steps_and_samplers_pick_the_teacher_columns(tiny_sd, tiny_sd_lora, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n")
+    out = tmp_path / "eval"
+    args = ["eval", "--teacher", tiny_sd, "--lora", tiny_sd_lora, "--prompts", prompts, "--quick", "--out", out,
+            "--no-progress", "--steps", "2", "--teacher-steps", "2,3", "--teacher-samplers", "dpm++"]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    record = strict_json(out / "eval.json")
+    assert [c["label"] for c in record["columns"]] == ["LCM-LoRA 2", "teacher DPM++ 2", "teacher DPM++ 3"]
+    assert record["reference"] is None  # no DDIM 50 column: no agreement metrics, the rest as usual
+    assert all("psnr" not in c and c["seconds_per_image"] > 0 for c in record["columns"])
+    assert "PSNR" not in (out / "eval.md").read_text()
+
+
 def test_initial_noise_is_the_noise_the_pipeline_draws_per_seed(tiny_sd):
     from lcmkit.config import ModelConfig
     from lcmkit.models import load_teacher
@@ -226,6 +240,8 @@ def test_clip_score_from_a_local_folder_only(tiny_sd, tmp_path, capsys, monkeypa
         (["--steps", "0"], "--steps 0"),
         (["--steps", "2,-1"], "--steps 2,-1"),
         (["--num-images", "0"], "--num-images 0"),
+        (["--teacher-steps", "4,x"], "--teacher-steps 4,x"),
+        (["--teacher-samplers", "ddim,euler"], "--teacher-samplers ddim,euler"),
         (["--inception", "{tmp}/inception.pth"], "pickles are refused"),
         (["--clip-model", "{tmp}"], "not a transformers CLIP folder"),
         (["--teacher", "{tmp}/nothing"], "does not exist"),
@@ -291,6 +307,10 @@ def test_quality_bar_checks_the_three_criteria():
     bad = quality_bar([row("LCM-LoRA 4", "LCM-LoRA", 4, 5.5, 0.80), *teacher])
     assert [line.split()[0] for line in bad] == ["FAIL", "FAIL", "FAIL"] and "80.0%" in bad[2]
     assert quality_bar(teacher) == []  # no distilled model: nothing to judge
+    only_dpm = quality_bar([row("LCM-LoRA 4", "LCM-LoRA", 4, 4.0, 0.85), teacher[1]])
+    assert len(only_dpm) == 1 and only_dpm[0].startswith("PASS") and "DPM++ 4's 5.00" in only_dpm[0]
+    two = quality_bar([row("LCM 2", "LCM", 2, 5.5, 0.9), row("LCM 4", "LCM", 4, 1.0, 0.9), *teacher], 2, 4)
+    assert [line.split()[0] for line in two] == ["FAIL", "FAIL", "PASS"] and "LCM 2 probe-FD 5.50 <" in two[1]
 
 
 def test_toy_lora_alias_names_what_is_missing(tmp_path, monkeypatch):

@@ -305,6 +305,11 @@ def _bench_soak(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_list(text: str) -> tuple[str, ...]:
+    """'a, b,,c' -> ('a', 'b', 'c')."""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def toy_aliases(teacher: str | None, lora: str | None) -> tuple[str | None, str | None]:
     """--teacher toy / --lora toy: the shipped toy teacher and LCM-LoRA (checked)."""
     from .toy.demo import toy_lora, toy_teacher
@@ -328,9 +333,11 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         prompts = read_prompts(args.prompts)
         prompts = cycle(prompts, len(prompts) if n is None else n)
+    teacher_steps = None if args.teacher_steps is None else parse_steps(args.teacher_steps, "--teacher-steps")
     settings = EvalSettings(
         teacher=teacher, prompts=prompts, lora=lora, lcm=args.lcm, teacher_config=args.teacher_config,
-        steps=steps, guidance=args.guidance, lcm_guidance=args.lcm_guidance, seed=args.seed, size=args.resolution,
+        steps=steps, teacher_steps=teacher_steps, teacher_samplers=split_list(args.teacher_samplers),
+        guidance=args.guidance, lcm_guidance=args.lcm_guidance, seed=args.seed, size=args.resolution,
         batch_size=args.batch_size, grid_rows=2 if args.quick else args.grid_rows, device=args.device,
         dtype=args.dtype, out=args.out, progress=not args.no_progress,
     )  # fmt: skip
@@ -344,7 +351,10 @@ def _eval(args: argparse.Namespace) -> int:
 
         from .toy.demo import quality_bar
 
-        lines = quality_bar(json.loads((Path(result["out"]) / "eval.json").read_text())["columns"])
+        rows = json.loads((Path(result["out"]) / "eval.json").read_text())["columns"]
+        lines = quality_bar(rows)
+        if args.lcm:  # a full LCM should do at least as well at 2 steps
+            lines += quality_bar(rows, steps=2, dpm_steps=4)
         if lines:
             print("\n".join(["quality bar (LCM paper's claim at toy scale):", *lines]))
             with open(Path(result["out"]) / "eval.md", "a") as f:
@@ -512,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", required=True, help="a file with one prompt per line, or 'toy' (toy-world captions "
                     "and the toy probe metrics)")  # fmt: skip
     ev.add_argument("--steps", help="distilled-model step counts (default 1,2,4,8); the teacher adds 25 and 50")
+    ev.add_argument("--teacher-steps", help="the teacher's step counts (default: --steps plus 25 and 50); without "
+                    "50 there is no DDIM 50 reference, so no PSNR/MS-SSIM/FID")  # fmt: skip
+    ev.add_argument("--teacher-samplers", default="ddim,dpm++", help="teacher samplers: ddim, dpm++ or both")
     ev.add_argument("--num-images", type=int, help="images per sampler (default: one per prompt; 64 for toy)")
     ev.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
     ev.add_argument("--batch-size", type=int, default=8)

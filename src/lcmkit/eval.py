@@ -230,6 +230,8 @@ def fid_scorer(features: Callable[[list[Image.Image]], np.ndarray]) -> Scorer:
     cache: dict[int, np.ndarray] = {}
 
     def score(images: list[Image.Image], prompts: list[str], reference: list[Image.Image]) -> dict[str, float]:
+        if not reference:  # no DDIM 50 column (--teacher-steps without 50)
+            return {}
         if id(reference) not in cache:
             cache[id(reference)] = features(reference)
         return {"fid": feature_fd(features(images), cache[id(reference)])}
@@ -273,14 +275,14 @@ class Column:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def parse_steps(text: str) -> list[int]:
+def parse_steps(text: str, flag: str = "--steps") -> list[int]:
     """'1,2,4,8' -> [1, 2, 4, 8]; every count must be a positive integer."""
     try:
         steps = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ConfigError(f"--steps {text}: give comma-separated integers, e.g. 1,2,4,8") from None
+        raise ConfigError(f"{flag} {text}: give comma-separated integers, e.g. 1,2,4,8") from None
     if not steps or min(steps) < 1:
-        raise ConfigError(f"--steps {text}: every step count must be >= 1")
+        raise ConfigError(f"{flag} {text}: every step count must be >= 1")
     return sorted(set(steps))
 
 
@@ -428,6 +430,9 @@ class EvalSettings:
     teacher_config: str | None = None
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     reference_steps: tuple[int, ...] = (25, 50)
+    teacher_steps: list[int] | None = None
+    """The teacher's step counts (default: `steps` plus `reference_steps`); without 50 (DDIM) no agreement metrics."""
+    teacher_samplers: tuple[str, ...] = ("ddim", "dpm++")
     guidance: float = 7.5
     """The teacher's classifier-free guidance scale (and a full LCM's w input unless lcm_guidance is set)."""
     lcm_guidance: float | None = None
@@ -448,6 +453,12 @@ class EvalSettings:
             raise ConfigError("no prompts to evaluate")
         if min(self.steps, default=0) < 1:
             raise ConfigError(f"--steps {self.steps}: every step count must be >= 1")
+        if self.teacher_steps is not None and min(self.teacher_steps, default=0) < 1:
+            raise ConfigError(f"--teacher-steps {self.teacher_steps}: every step count must be >= 1")
+        unknown = sorted(set(self.teacher_samplers) - set(TEACHER_SAMPLERS))
+        if unknown or not self.teacher_samplers:
+            raise ConfigError(f"--teacher-samplers {','.join(self.teacher_samplers)}: choose from "
+                              f"{','.join(TEACHER_SAMPLERS)}")  # fmt: skip
         for name in ("batch_size", "grid_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
@@ -456,6 +467,7 @@ class EvalSettings:
 
 
 REFERENCE = ("teacher DDIM", 50)
+TEACHER_SAMPLERS = {"ddim": "teacher DDIM", "dpm++": "teacher DPM++"}
 
 
 def build_columns(settings: EvalSettings) -> list[Column]:
@@ -475,8 +487,10 @@ def build_columns(settings: EvalSettings) -> list[Column]:
             s.teacher, s.lora, s.lcm, s.teacher_config, device, s.dtype, s.guidance, s.lcm_guidance
         )
         columns += [Column(f"{name} {n}", name, pipe, n, w) for n in settings.steps]
-    teacher_steps = sorted({*settings.steps, *settings.reference_steps})
-    for sampler, group in (("ddim", "teacher DDIM"), ("dpm++", "teacher DPM++")):
+    teacher_steps = settings.teacher_steps
+    teacher_steps = sorted({*settings.steps, *settings.reference_steps} if teacher_steps is None else {*teacher_steps})
+    for sampler in settings.teacher_samplers:
+        group = TEACHER_SAMPLERS[sampler]
         pipe = teacher_pipeline(teacher, teacher.unet, teacher_scheduler(teacher.scheduler.config, sampler))
         pipe.to(device, dtype)
         columns += [Column(f"{group} {n}", group, pipe, n, settings.guidance) for n in teacher_steps]
@@ -498,13 +512,15 @@ def run_eval(settings: EvalSettings, scorers: list[Scorer] | None = None) -> dic
     shape = (int(pipe.unet.config.in_channels), size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     noise = initial_noise(len(settings.prompts), shape, settings.seed)
     sample_columns(columns, settings.prompts, noise, settings.seed, settings.batch_size, size, settings.progress)
-    reference = next(c for c in columns if (c.group, c.steps) == REFERENCE).images
-    score_columns(columns, settings.prompts, reference, [agreement, *(scorers or [])], settings.progress)
+    reference = next((c.images for c in columns if (c.group, c.steps) == REFERENCE), None)
+    scorers = [*([agreement] if reference is not None else []), *(scorers or [])]
+    score_columns(columns, settings.prompts, reference or [], scorers, settings.progress)
 
     rows = [[c.images[i] for c in columns] for i in range(min(settings.grid_rows, len(settings.prompts)))]
     image_grid(rows, settings.prompts, [c.label for c in columns]).save(out / "grid.png")
     info = {
-        "teacher": settings.teacher, "lora": settings.lora, "lcm": settings.lcm, "reference": "teacher DDIM 50",
+        "teacher": settings.teacher, "lora": settings.lora, "lcm": settings.lcm,
+        "reference": "teacher DDIM 50" if reference is not None else None,
         "n_images": len(settings.prompts), "seed": settings.seed, "resolution": size,
         "batch_size": settings.batch_size, "device": str(pipe.device),
         "dtype": str(pipe.unet.dtype).removeprefix("torch."), "machine": machine(), "total_s": time.perf_counter() - t0,
