@@ -13,6 +13,9 @@ from lcmkit.toy.checker import check
 from lcmkit.toy.probe import (
     ASSET_DIR,
     CONFIG_NAME,
+    REFERENCE_N,
+    REFERENCE_NAME,
+    REFERENCE_SEED,
     WEIGHTS_NAME,
     Probe,
     feature_stats,
@@ -23,6 +26,7 @@ from lcmkit.toy.probe import (
     probe_fd,
     reference_stats,
     rendered_set,
+    write_reference_stats,
 )
 from lcmkit.toy.world import ATTRIBUTES, Scene, render_array, sample_seed
 
@@ -128,3 +132,46 @@ def test_probe_fd_moves_the_right_way(probe: Probe) -> None:
     mu_direct, sigma_direct = feature_stats(probe.features(rendered_set(300, 5)[0]))
     np.testing.assert_allclose(mu, mu_direct)
     np.testing.assert_allclose(sigma, sigma_direct)
+
+
+def test_shipped_reference_statistics_are_read_and_belong_to_the_shipped_probe(probe: Probe) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(ASSET_DIR / REFERENCE_NAME), framework="np") as f:
+        meta, shipped_mu = f.metadata(), f.get_tensor("mu")
+    assert meta["n"] == str(REFERENCE_N) == "50000" and meta["seed"] == str(REFERENCE_SEED)
+    mu, sigma = reference_stats(probe=probe)  # read, not recomputed from 50,000 renders
+    np.testing.assert_array_equal(mu, shipped_mu)
+    # The first 2,000 of those renders agree with the 50,000 within sampling noise (5 standard errors per feature).
+    mu_2k, _ = feature_stats(probe.features(rendered_set(2000, REFERENCE_SEED)[0]))
+    standard_error = np.sqrt(np.diag(sigma) / 2000)
+    assert np.all(np.abs(mu_2k - mu) < 5 * standard_error + 1e-9)
+
+
+def test_written_reference_statistics_round_trip_and_are_dropped_for_other_weights(tmp_path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lcmkit.toy.probe import _load_probe
+
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        shutil.copy(ASSET_DIR / name, folder / name)
+    write_reference_stats(folder, n=200, seed=5)
+    copy = load_probe(folder)
+    mu, sigma = reference_stats(n=200, seed=5, probe=copy)
+    mu_direct, sigma_direct = feature_stats(copy.features(rendered_set(200, 5)[0]))
+    np.testing.assert_array_equal(mu, mu_direct)
+    np.testing.assert_allclose(sigma, sigma_direct, rtol=0, atol=1e-12)
+    # A retrained probe (other weights) must not use the old statistics.
+    weights = load_file(str(folder / WEIGHTS_NAME))
+    weights = {k: v * 1.5 if v.is_floating_point() else v for k, v in weights.items()}
+    save_file(weights, str(folder / WEIGHTS_NAME))
+    _load_probe.cache_clear()
+    retrained = load_probe(folder)
+    mu_new, _ = reference_stats(n=200, seed=5, probe=retrained)
+    np.testing.assert_array_equal(mu_new, feature_stats(retrained.features(rendered_set(200, 5)[0]))[0])
+    assert not np.allclose(mu_new, mu)
+    _load_probe.cache_clear()

@@ -67,6 +67,10 @@ DEFAULT_AUGMENT: dict[str, float] = {
     "offset_max": 0.04,
 }
 REFERENCE_SEED = 20_240_601  # seed of the held-out real renders behind reference_stats()
+REFERENCE_N = 50_000
+"""Real renders behind probe-FD: the FID recipe's large reference set. 2,000 were too few: that sample's own
+noise ranked two 4-step samplers the other way round from three independent sets of 10,000-50,000."""
+REFERENCE_NAME = "reference_stats.safetensors"
 
 ImageBatch = Sequence[Image.Image | np.ndarray] | np.ndarray
 
@@ -187,6 +191,7 @@ class Probe:
         self.net = net.eval()
         self.config = dict(config or {})
         self.batch_size = batch_size
+        self.directory: Path | None = None  # where it was loaded from (its shipped reference statistics)
         self._reference_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     @property
@@ -253,7 +258,9 @@ def _load_probe(directory: str) -> Probe:
     arch = config.get("arch", DEFAULT_ARCH)
     net = ProbeNet(channels=arch["channels"], feature_dim=arch["feature_dim"])
     net.load_state_dict(load_file(str(weights)))
-    return Probe(net, config)
+    probe = Probe(net, config)
+    probe.directory = folder
+    return probe
 
 
 def save_probe(probe: Probe, out_dir: str | os.PathLike) -> None:
@@ -273,19 +280,66 @@ def save_probe(probe: Probe, out_dir: str | os.PathLike) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def reference_stats(n: int = 2000, seed: int = REFERENCE_SEED, probe: Probe | None = None) -> tuple[np.ndarray, ...]:
+def reference_stats(
+    n: int = REFERENCE_N, seed: int = REFERENCE_SEED, probe: Probe | None = None
+) -> tuple[np.ndarray, ...]:
     """(mu, sigma) of the probe features of `n` held-out real renders (random scenes, jittered); cached.
 
-    The arrays are read-only (they are shared by every caller).
+    Read from the probe's folder when it holds them for these n and seed and these very weights
+    (write_reference_stats), else computed. The arrays are read-only (they are shared by every caller).
     """
     probe = probe or load_probe()
     key = (int(n), int(seed))
     if key not in probe._reference_cache:
-        mu, sigma = feature_stats(probe.features(rendered_set(n, seed)[0]))
+        stats = _read_reference_stats(probe, n, seed)
+        mu, sigma = stats if stats is not None else _render_stats(probe, n, seed)
         mu.flags.writeable = False
         sigma.flags.writeable = False
         probe._reference_cache[key] = (mu, sigma)
     return probe._reference_cache[key]
+
+
+def _render_stats(probe: Probe, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    return feature_stats(probe.features(rendered_set(n, seed)[0]))
+
+
+def _weights_sha256(folder: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((folder / WEIGHTS_NAME).read_bytes()).hexdigest()
+
+
+def _read_reference_stats(probe: Probe, n: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    from safetensors import safe_open
+
+    path = probe.directory / REFERENCE_NAME if probe.directory else None
+    if path is None or not path.is_file():
+        return None
+    with safe_open(str(path), framework="np") as f:
+        meta = f.metadata() or {}
+        if meta.get("n") != str(n) or meta.get("seed") != str(seed):
+            return None
+        if meta.get("probe_sha256") != _weights_sha256(probe.directory):
+            return None  # the probe was retrained: these statistics belong to the old one
+        return f.get_tensor("mu").copy(), f.get_tensor("sigma").copy()
+
+
+def write_reference_stats(folder: str | os.PathLike, n: int = REFERENCE_N, seed: int = REFERENCE_SEED) -> Path:
+    """Compute reference_stats(n, seed) for the probe in `folder` and store them beside it (read back by
+    reference_stats), tagged with n, seed and the probe weights' SHA-256."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    probe = _load_probe(str(folder.resolve()))
+    mu, sigma = _render_stats(probe, n, seed)
+    path = folder / REFERENCE_NAME
+    tmp = path.with_name(path.name + ".tmp")
+    meta = {"n": str(n), "seed": str(seed), "probe_sha256": _weights_sha256(folder)}
+    save_file({"mu": np.ascontiguousarray(mu), "sigma": np.ascontiguousarray(sigma)}, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    probe._reference_cache.pop((int(n), int(seed)), None)
+    return path
 
 
 def probe_fd(images_a: ImageBatch, images_b: ImageBatch | None = None, probe: Probe | None = None) -> float:
@@ -440,6 +494,7 @@ def train_probe(
     if out_dir is not None:
         save_probe(probe, out_dir)
         _load_probe.cache_clear()
+        write_reference_stats(out_dir)
     return probe, config
 
 
@@ -452,7 +507,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--reference-only",
+        action="store_true",
+        help=f"only (re)write {REFERENCE_NAME} for the probe in --out ({REFERENCE_N:,} renders)",
+    )
     args = parser.parse_args(argv)
+    if args.reference_only:
+        print(f"wrote {write_reference_stats(args.out)}")
+        return
     _, config = train_probe(args.out, args.steps, args.batch_size, args.seed, args.threads, lr=args.lr)
     print(json.dumps({"params": config["params"], "train": config["train"], "eval": config["eval"]}, indent=2))
 
