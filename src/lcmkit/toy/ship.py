@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from .probe import REFERENCE_N
 
 SHIPPED_TEACHER = Path(__file__).parent / "assets" / "teacher"
 MAX_GAP_S = 900.0
@@ -169,7 +170,7 @@ The full recipe is in recipe.json beside this card.
 
 {facts["n_eval"]} held-out toy prompts (seed 1), guidance 5, the same initial noise for every sampler.
 Prompt accuracy: every attribute of the prompt read back from the pixels by lcmkit's procedural checker;
-probe-FD: Frechet distance of the shipped attribute probe's features against 2,000 real held-out renders
+probe-FD: Frechet distance of the shipped attribute probe's features against {REFERENCE_N:,} real held-out renders
 (the FID recipe with the probe in place of Inception); PSNR/MS-SSIM against the DDIM 50-step image of the
 same noise. Seconds per image: batches of 50 on the CPU above.
 
