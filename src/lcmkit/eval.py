@@ -151,12 +151,14 @@ def clip_score(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> float:
 
 # -- optional models, from local files only ----------------------------------------------------------------
 
-# (images, prompts, reference images) -> {metric: value}
+# (images, prompts, reference images: empty without a DDIM 50 column) -> {metric: value}
 Scorer = Callable[[list[Image.Image], list[str], list[Image.Image]], dict[str, float]]
 
 
 def agreement(images: list[Image.Image], prompts: list[str], reference: list[Image.Image]) -> dict[str, float]:
-    """Mean PSNR (dB) and mean 1 - MS-SSIM against the reference images of the same noise."""
+    """Mean PSNR (dB) and mean 1 - MS-SSIM against the reference images of the same noise (none without them)."""
+    if not reference:  # no DDIM 50 column (--teacher-steps without 50)
+        return {}
     x, y = to_unit_tensor(images), to_unit_tensor(reference)
     return {"psnr": float(psnr(x, y).mean()), "ms_ssim_distance": float(ms_ssim_distance(x, y).mean())}
 
@@ -487,8 +489,8 @@ def build_columns(settings: EvalSettings) -> list[Column]:
             s.teacher, s.lora, s.lcm, s.teacher_config, device, s.dtype, s.guidance, s.lcm_guidance
         )
         columns += [Column(f"{name} {n}", name, pipe, n, w) for n in settings.steps]
-    teacher_steps = settings.teacher_steps
-    teacher_steps = sorted({*settings.steps, *settings.reference_steps} if teacher_steps is None else {*teacher_steps})
+    chosen = settings.teacher_steps
+    teacher_steps = sorted({*settings.steps, *settings.reference_steps} if chosen is None else {*chosen})
     for sampler in settings.teacher_samplers:
         group = TEACHER_SAMPLERS[sampler]
         pipe = teacher_pipeline(teacher, teacher.unet, teacher_scheduler(teacher.scheduler.config, sampler))
@@ -512,15 +514,14 @@ def run_eval(settings: EvalSettings, scorers: list[Scorer] | None = None) -> dic
     shape = (int(pipe.unet.config.in_channels), size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     noise = initial_noise(len(settings.prompts), shape, settings.seed)
     sample_columns(columns, settings.prompts, noise, settings.seed, settings.batch_size, size, settings.progress)
-    reference = next((c.images for c in columns if (c.group, c.steps) == REFERENCE), None)
-    scorers = [*([agreement] if reference is not None else []), *(scorers or [])]
-    score_columns(columns, settings.prompts, reference or [], scorers, settings.progress)
+    reference = next((c.images for c in columns if (c.group, c.steps) == REFERENCE), [])
+    score_columns(columns, settings.prompts, reference, [agreement, *(scorers or [])], settings.progress)
 
     rows = [[c.images[i] for c in columns] for i in range(min(settings.grid_rows, len(settings.prompts)))]
     image_grid(rows, settings.prompts, [c.label for c in columns]).save(out / "grid.png")
     info = {
         "teacher": settings.teacher, "lora": settings.lora, "lcm": settings.lcm,
-        "reference": "teacher DDIM 50" if reference is not None else None,
+        "reference": "teacher DDIM 50" if reference else None,
         "n_images": len(settings.prompts), "seed": settings.seed, "resolution": size,
         "batch_size": settings.batch_size, "device": str(pipe.device),
         "dtype": str(pipe.unet.dtype).removeprefix("torch."), "machine": machine(), "total_s": time.perf_counter() - t0,

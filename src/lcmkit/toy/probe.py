@@ -330,7 +330,7 @@ def write_reference_stats(folder: str | os.PathLike, n: int = REFERENCE_N, seed:
     from safetensors.numpy import save_file
 
     folder = Path(folder)
-    probe = _load_probe(str(folder.resolve()))
+    probe = load_probe(folder)
     mu, sigma = _render_stats(probe, n, seed)
     path = folder / REFERENCE_NAME
     tmp = path.with_name(path.name + ".tmp")
