@@ -167,13 +167,19 @@ def test_teacher_steps_and_samplers_pick_the_teacher_columns(tiny_sd, tiny_sd_lo
     assert "PSNR" not in (out / "eval.md").read_text()
 
 
-def test_initial_noise_is_the_noise_the_pipeline_draws_per_seed(tiny_sd):
+@pytest.mark.parametrize("sampler", ["ddim", "lcm"])
+def test_initial_noise_is_the_noise_the_pipeline_draws_per_seed(tiny_sd, sampler):
+    """Given latents give the images the pipeline draws itself, also for LCM, which draws fresh noise
+    between steps (that noise must not repeat the initial noise)."""
     from lcmkit.config import ModelConfig
     from lcmkit.models import load_teacher
-    from lcmkit.sample import initial_noise, run_batched, teacher_pipeline, teacher_scheduler
+    from lcmkit.sample import initial_noise, lcm_pipeline, run_batched, teacher_pipeline, teacher_scheduler
 
     teacher = load_teacher(ModelConfig(teacher=tiny_sd))
-    pipe = teacher_pipeline(teacher, teacher.unet, teacher_scheduler(teacher.scheduler.config, "ddim"))
+    if sampler == "lcm":
+        pipe = lcm_pipeline(teacher, teacher.unet)
+    else:
+        pipe = teacher_pipeline(teacher, teacher.unet, teacher_scheduler(teacher.scheduler.config, "ddim"))
     prompts = ["a red square", "a blue circle"]
     kw = dict(num_inference_steps=2, guidance_scale=3.0, height=64, width=64)
     drawn = run_batched(pipe, prompts, 11, 2, **kw)

@@ -66,7 +66,10 @@ def run_batched(
 ) -> list[Image.Image]:
     """Image i gets its own generator seeded seed + i, so an image does not depend on its batch.
 
-    `latents` (n, C, h, w), when given, are the initial noise of the n images (see `initial_noise`)."""
+    `latents` (n, C, h, w), when given, are the initial noise of the n images (see `initial_noise`). Each
+    generator then first skips the draw that the pipeline would have made for them, so that the noise a
+    sampler draws later (LCM's re-noising between steps) is what the pipeline draws without `latents`,
+    and not a second copy of the initial noise."""
     from tqdm.auto import tqdm
 
     images: list[Image.Image] = []
@@ -77,7 +80,10 @@ def run_batched(
         if negative:
             kwargs["negative_prompt"] = [negative] * len(chunk)
         if latents is not None:
-            kwargs["latents"] = latents[start : start + len(chunk)].to(pipe.device, pipe.unet.dtype)
+            given = latents[start : start + len(chunk)]
+            for g in generators:
+                torch.randn((1, *given.shape[1:]), generator=g)
+            kwargs["latents"] = given.to(pipe.device, pipe.unet.dtype)
         images += pipe(chunk, generator=generators, output_type="pil", **kwargs).images
     return images
 
