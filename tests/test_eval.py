@@ -167,6 +167,26 @@ def test_teacher_steps_and_samplers_pick_the_teacher_columns(tiny_sd, tiny_sd_lo
     assert "PSNR" not in (out / "eval.md").read_text()
 
 
+def test_tcd_columns_sample_the_same_model_from_the_same_noise(tiny_sd, tiny_sd_lora, tmp_path):
+    """--lcm-samplers lcm,tcd: a TCD column per step count beside the LCM one, the same weights and initial
+    noise, different images from 2 steps on (TCD's gamma changes where each step re-noises to)."""
+    from lcmkit.eval import EvalSettings, build_columns, sample_columns
+    from lcmkit.sample import initial_noise
+
+    settings = EvalSettings(teacher=tiny_sd, prompts=["a red square", "a blue circle"], lora=tiny_sd_lora,
+                            steps=[1, 2], teacher_steps=[2], teacher_samplers=("dpm++",),
+                            lcm_samplers=("lcm", "tcd"), tcd_gamma=0.3, device="cpu")  # fmt: skip
+    columns = build_columns(settings)
+    assert [c.label for c in columns] == ["LCM-LoRA 1", "LCM-LoRA 2", "LCM-LoRA TCD 1", "LCM-LoRA TCD 2",
+                                          "teacher DPM++ 2"]  # fmt: skip
+    assert columns[0].pipe.unet is columns[2].pipe.unet  # one model, two samplers
+    assert type(columns[2].pipe.scheduler).__name__ == "TCDScheduler" and columns[2].options == {"eta": 0.3}
+    sample_columns(columns, settings.prompts, initial_noise(2, (4, 8, 8), 0), 0, 2, 64, progress=False)
+    pixels = {c.label: np.stack([np.asarray(im, dtype=int) for im in c.images]) for c in columns}
+    assert np.abs(pixels["LCM-LoRA 2"] - pixels["LCM-LoRA TCD 2"]).max() > 5
+    assert np.abs(pixels["LCM-LoRA 1"] - pixels["LCM-LoRA TCD 1"]).max() <= 2  # one step: both return x0
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "lcm"])
 def test_initial_noise_is_the_noise_the_pipeline_draws_per_seed(tiny_sd, sampler):
     """Given latents give the images the pipeline draws itself, also for LCM, which draws fresh noise
@@ -248,6 +268,8 @@ def test_clip_score_from_a_local_folder_only(tiny_sd, tmp_path, capsys, monkeypa
         (["--num-images", "0"], "--num-images 0"),
         (["--teacher-steps", "4,x"], "--teacher-steps 4,x"),
         (["--teacher-samplers", "ddim,euler"], "--teacher-samplers ddim,euler"),
+        (["--lcm-samplers", "lcm,euler"], "--lcm-samplers lcm,euler"),
+        (["--lcm-samplers", "tcd", "--tcd-gamma", "-0.1"], "--tcd-gamma -0.1"),
         (["--inception", "{tmp}/inception.pth"], "pickles are refused"),
         (["--clip-model", "{tmp}"], "not a transformers CLIP folder"),
         (["--teacher", "{tmp}/nothing"], "does not exist"),
@@ -317,6 +339,10 @@ def test_quality_bar_checks_the_three_criteria():
     assert len(only_dpm) == 1 and only_dpm[0].startswith("PASS") and "DPM++ 4's 5.00" in only_dpm[0]
     two = quality_bar([row("LCM 2", "LCM", 2, 5.5, 0.9), row("LCM 4", "LCM", 4, 1.0, 0.9), *teacher], 2, 4)
     assert [line.split()[0] for line in two] == ["FAIL", "FAIL", "PASS"] and "LCM 2 probe-FD 5.50 <" in two[1]
+    samplers = quality_bar([row("LCM-LoRA 4", "LCM-LoRA", 4, 5.5, 0.85), row("LCM-LoRA TCD 4", "LCM-LoRA TCD", 4,
+                                                                             2.5, 0.85), *teacher])  # fmt: skip
+    assert [line.split()[0] for line in samplers] == ["FAIL", "FAIL", "PASS", "PASS", "PASS", "PASS"]
+    assert "LCM-LoRA TCD 4 probe-FD 2.50 <" in samplers[4]  # each distilled sampler judged on its own
 
 
 def test_toy_lora_alias_names_what_is_missing(tmp_path, monkeypatch):

@@ -27,12 +27,12 @@ def test_quick_demo_writes_grid_table_and_plot(tmp_path, capsys):
     assert "teacher DPM++ 25" in capsys.readouterr().out
     record = json.loads((out / "metrics.json").read_text())
     labels = [c["label"] for c in record["columns"]]
-    assert labels == ["teacher DPM++ 25", "teacher DPM++ 4", "LCM 1", "LCM 2", "LCM 4"]
+    assert labels == ["teacher DPM++ 25", "teacher DPM++ 4", "LCM 1", "LCM 2", "LCM 4", "LCM TCD 4"]
     assert all(0 <= c["prompt_accuracy"] <= 1 and c["seconds_per_image"] > 0 for c in record["columns"])
     assert all(c["probe_fd"] > 0 for c in record["columns"])  # the shipped probe scores every column
     assert record["distill_steps"] == 20
     grid = Image.open(out / "grid.png")
-    assert grid.width >= 5 * 96 and grid.height >= 2 * 96
+    assert grid.width >= 6 * 96 and grid.height >= 2 * 96
     assert Image.open(out / "quality.png").width > 300
     assert "| LCM 4 | 4 |" in (out / "metrics.md").read_text()
 
@@ -43,11 +43,12 @@ def test_quick_demo_writes_grid_table_and_plot(tmp_path, capsys):
     assert main(args) == 0
     second = json.loads((again / "metrics.json").read_text())
     columns = {c["label"]: c for c in second["columns"]}
-    assert list(columns)[-2:] == ["shipped LCM 2", "shipped LCM 4"]
+    assert list(columns)[-3:] == ["shipped LCM 2", "shipped LCM 4", "shipped TCD 4"]
     assert second["distill_steps"] == 2 and second["shipped_lora_steps"] == 20
     first = {c["label"]: c for c in record["columns"]}
     for metric in ("prompt_accuracy", "probe_fd"):  # same LoRA, prompts and noise as the first run's LCM 4
         assert abs(columns["shipped LCM 4"][metric] - first["LCM 4"][metric]) < 1e-6
+        assert abs(columns["shipped TCD 4"][metric] - first["LCM TCD 4"][metric]) < 1e-6
 
 
 def test_demo_without_teacher_says_what_to_do(tmp_path, capsys):

@@ -172,13 +172,15 @@ def _toy_ship_teacher(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .toy.demo import DemoSettings, run_demo
 
-    names = ("out", "mode", "teacher", "steps", "learning_rate", "seed", "shipped_lora")
+    names = ("out", "mode", "teacher", "steps", "learning_rate", "seed", "shipped_lora", "tcd_gamma")
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
     settings = DemoSettings.quick(**given) if args.quick else DemoSettings(**given)
+    settings.check()
     result = run_demo(settings)
     print(result["table"])
     print(f"LCM n: distilled in this run ({result['distill_steps']} steps, {result['distill_s']:.0f} s), n sampling "
-          "steps; teacher: DPM-Solver++ with guidance.")  # fmt: skip
+          f"steps; TCD n: the same model on TCDScheduler (gamma {settings.tcd_gamma:g}); teacher: DPM-Solver++ "
+          "with guidance.")  # fmt: skip
     if result["shipped_lora"]:
         made = result["shipped_lora_steps"]
         print(f"shipped LCM n: {result['shipped_lora']}" + (f" ({made} steps of distillation)" if made else ""))
@@ -337,6 +339,7 @@ def _eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(
         teacher=teacher, prompts=prompts, lora=lora, lcm=args.lcm, teacher_config=args.teacher_config,
         steps=steps, teacher_steps=teacher_steps, teacher_samplers=split_list(args.teacher_samplers),
+        lcm_samplers=split_list(args.lcm_samplers), tcd_gamma=args.tcd_gamma,
         guidance=args.guidance, lcm_guidance=args.lcm_guidance, seed=args.seed, size=args.resolution,
         batch_size=args.batch_size, grid_rows=2 if args.quick else args.grid_rows, device=args.device,
         dtype=args.dtype, out=args.out, progress=not args.no_progress,
@@ -488,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)
     g.add_argument("--scheduler", choices=["lcm", "tcd"], default="lcm")
-    g.add_argument("--tcd-gamma", type=float, default=0.3)
+    g.add_argument("--tcd-gamma", type=float, default=0.3, help="with --scheduler tcd: TCD's gamma in [0, 1]")
     g.add_argument("--image", help="init image for img2img")
     g.add_argument("--strength", type=float, default=0.5, help="img2img strength in [0, 1]")
     g.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
@@ -525,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--teacher-steps", help="the teacher's step counts (default: --steps plus 25 and 50); without "
                     "50 there is no DDIM 50 reference, so no PSNR/MS-SSIM/FID")  # fmt: skip
     ev.add_argument("--teacher-samplers", default="ddim,dpm++", help="teacher samplers: ddim, dpm++ or both")
+    ev.add_argument("--lcm-samplers", default="lcm", help="the distilled model's samplers: lcm (LCMScheduler), tcd "
+                    "(TCDScheduler) or both")  # fmt: skip
+    ev.add_argument("--tcd-gamma", type=float, default=0.3, help="TCD's gamma (0: deterministic; 1: LCM's sampling)")
     ev.add_argument("--num-images", type=int, help="images per sampler (default: one per prompt; 64 for toy)")
     ev.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
     ev.add_argument("--batch-size", type=int, default=8)
@@ -610,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--shipped-lora", default=None,
                    help="an LCM-LoRA of the same teacher to show beside the live run (default with the shipped "
                         "teacher: the shipped toy LCM-LoRA; 'none' to leave it out)")  # fmt: skip
+    d.add_argument("--tcd-gamma", type=float, default=None, help="gamma of the TCD columns (default 0.3)")
     d.add_argument("--quick", action="store_true", help="a smoke-test sized run")
     d.set_defaults(func=_demo)
 

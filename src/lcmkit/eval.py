@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import ConfigError
+from .sample import LCM_SAMPLERS, check_tcd_gamma, with_sampler
 
 # -- metrics ----------------------------------------------------------------------------------------------
 
@@ -272,6 +273,8 @@ class Column:
     pipe: Any
     steps: int
     guidance: float
+    options: dict[str, Any] = field(default_factory=dict)
+    """Further pipeline arguments of this sampler (TCD's gamma, as eta)."""
     images: list[Image.Image] = field(default_factory=list)
     seconds_per_image: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
@@ -315,7 +318,8 @@ def sample_columns(
 
     warm: set[int] = set()
     for col in tqdm(columns, desc="sampling", disable=not progress):
-        kwargs = dict(num_inference_steps=col.steps, guidance_scale=col.guidance, height=size, width=size)
+        kwargs = dict(num_inference_steps=col.steps, guidance_scale=col.guidance, height=size, width=size,
+                      **col.options)  # fmt: skip
         if id(col.pipe) not in warm:
             run_batched(col.pipe, prompts[:1], seed, 1, latents=noise[:1], **{**kwargs, "num_inference_steps": 1})
             warm.add(id(col.pipe))
@@ -435,6 +439,9 @@ class EvalSettings:
     teacher_steps: list[int] | None = None
     """The teacher's step counts (default: `steps` plus `reference_steps`); without 50 (DDIM) no agreement metrics."""
     teacher_samplers: tuple[str, ...] = ("ddim", "dpm++")
+    lcm_samplers: tuple[str, ...] = ("lcm",)
+    """The distilled model's samplers: lcm (LCMScheduler) and/or tcd (TCDScheduler with `tcd_gamma`)."""
+    tcd_gamma: float = 0.3
     guidance: float = 7.5
     """The teacher's classifier-free guidance scale (and a full LCM's w input unless lcm_guidance is set)."""
     lcm_guidance: float | None = None
@@ -461,6 +468,10 @@ class EvalSettings:
         if unknown or not self.teacher_samplers:
             raise ConfigError(f"--teacher-samplers {','.join(self.teacher_samplers)}: choose from "
                               f"{','.join(TEACHER_SAMPLERS)}")  # fmt: skip
+        unknown = sorted(set(self.lcm_samplers) - set(LCM_SAMPLERS))
+        if unknown or not self.lcm_samplers:
+            raise ConfigError(f"--lcm-samplers {','.join(self.lcm_samplers)}: choose from {','.join(LCM_SAMPLERS)}")
+        check_tcd_gamma(self.tcd_gamma)
         for name in ("batch_size", "grid_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
@@ -488,7 +499,10 @@ def build_columns(settings: EvalSettings) -> list[Column]:
         pipe, name, w = distilled_pipeline(
             s.teacher, s.lora, s.lcm, s.teacher_config, device, s.dtype, s.guidance, s.lcm_guidance
         )
-        columns += [Column(f"{name} {n}", name, pipe, n, w) for n in settings.steps]
+        for sampler in settings.lcm_samplers:
+            group, options = (name, {}) if sampler == "lcm" else (f"{name} TCD", {"eta": settings.tcd_gamma})
+            sampler_pipe = with_sampler(pipe, sampler)
+            columns += [Column(f"{group} {n}", group, sampler_pipe, n, w, options) for n in settings.steps]
     chosen = settings.teacher_steps
     teacher_steps = sorted({*settings.steps, *settings.reference_steps} if chosen is None else {*chosen})
     for sampler in settings.teacher_samplers:
@@ -522,6 +536,7 @@ def run_eval(settings: EvalSettings, scorers: list[Scorer] | None = None) -> dic
     info = {
         "teacher": settings.teacher, "lora": settings.lora, "lcm": settings.lcm,
         "reference": "teacher DDIM 50" if reference else None,
+        "lcm_samplers": list(settings.lcm_samplers), "tcd_gamma": settings.tcd_gamma,
         "n_images": len(settings.prompts), "seed": settings.seed, "resolution": size,
         "batch_size": settings.batch_size, "device": str(pipe.device),
         "dtype": str(pipe.unet.dtype).removeprefix("torch."), "machine": machine(), "total_s": time.perf_counter() - t0,

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from .models import PRECISIONS, Teacher, dtype_kwarg, pipeline_class
 
 SAMPLERS = ("ddim", "dpm++")
+LCM_SAMPLERS = ("lcm", "tcd")
 
 
 def teacher_scheduler(config: Any, sampler: str) -> Any:
@@ -26,6 +27,33 @@ def teacher_scheduler(config: Any, sampler: str) -> Any:
     from .config import ConfigError
 
     raise ConfigError(f"sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+
+
+def few_step_scheduler(config: Any, sampler: str) -> Any:
+    """A distilled model's sampler over `config`'s noise schedule: LCMScheduler (the LCM paper's multistep
+    consistency sampling), or TCDScheduler (Zheng et al. 2024's strategic stochastic sampling: each step goes
+    back to an intermediate time set by gamma, passed to the pipeline as eta; gamma 1 is LCM's sampling)."""
+    from diffusers import LCMScheduler, TCDScheduler
+
+    if sampler not in LCM_SAMPLERS:
+        from .config import ConfigError
+
+        raise ConfigError(f"sampler {sampler!r}: choose one of {', '.join(LCM_SAMPLERS)}")
+    return (LCMScheduler if sampler == "lcm" else TCDScheduler).from_config(config)
+
+
+def with_sampler(pipe: Any, sampler: str) -> Any:
+    """A pipeline sharing `pipe`'s models, on the distilled-model `sampler` (see few_step_scheduler)."""
+    twin = type(pipe).from_pipe(pipe, scheduler=few_step_scheduler(pipe.scheduler.config, sampler))
+    twin.set_progress_bar_config(disable=True)
+    return twin
+
+
+def check_tcd_gamma(gamma: float) -> None:
+    if not 0.0 <= gamma <= 1.0:
+        from .config import ConfigError
+
+        raise ConfigError(f"--tcd-gamma {gamma}: must be between 0 and 1 (0.3 is TCD's default)")
 
 
 def teacher_pipeline(teacher: Teacher, unet: torch.nn.Module, scheduler: Any) -> Any:
@@ -317,8 +345,8 @@ class FewStepGenerator:
         loras = loras or []
         if bool(base) == bool(lcm):
             raise ConfigError("give either --base (with --lora) or --lcm (a full LCM folder)")
-        if scheduler not in ("lcm", "tcd"):
-            raise ConfigError(f"--scheduler {scheduler!r}: choose lcm or tcd")
+        if scheduler not in LCM_SAMPLERS:
+            raise ConfigError(f"--scheduler {scheduler!r}: choose one of {', '.join(LCM_SAMPLERS)}")
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.full = lcm is not None
@@ -389,11 +417,8 @@ class FewStepGenerator:
         return pipeline_class(family).from_pipe(pipe), family
 
     def set_scheduler(self, name: str) -> None:
-        from diffusers import LCMScheduler, TCDScheduler
-
-        cls = LCMScheduler if name == "lcm" else TCDScheduler
+        self.pipe.scheduler = few_step_scheduler(self.pipe.scheduler.config, name)
         self.scheduler_name = name
-        self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config)
 
     @property
     def default_guidance(self) -> float:
@@ -430,6 +455,7 @@ class FewStepGenerator:
         guidance = self.default_guidance if guidance is None else guidance
         if guidance < 0:
             raise ConfigError(f"--guidance {guidance}: must be >= 0")
+        check_tcd_gamma(tcd_gamma)
         if negative_prompt and self.full:
             raise ConfigError("a full LCM takes no negative prompt (guidance is its input); drop --negative-prompt")
         pipe = self.pipe

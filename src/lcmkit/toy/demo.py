@@ -52,10 +52,18 @@ class DemoSettings:
     """An LCM-LoRA of the same teacher shown beside the live run; default: the shipped toy LCM-LoRA when the
     teacher is the shipped one ("none" to leave it out)."""
     shipped_steps: list[int] = field(default_factory=lambda: [2, 4])
+    tcd_steps: list[int] = field(default_factory=lambda: [4])
+    """Step counts of the TCD sampler columns (live and shipped model)."""
+    tcd_gamma: float = 0.3
     teacher_steps: int = 25
     seed: int = 0
     overwrite: bool = True
     progress: bool = True
+
+    def check(self) -> None:
+        from ..sample import check_tcd_gamma
+
+        check_tcd_gamma(self.tcd_gamma)
 
     @classmethod
     def quick(cls, **kw: Any) -> DemoSettings:
@@ -129,13 +137,15 @@ def lora_pipeline(teacher: str, lora_dir: str | Path) -> Any:
 
 def load_pipelines(settings: DemoSettings, teacher: str, run_dir: Path) -> tuple[Any, Any]:
     """(teacher pipeline, distilled pipeline with LCMScheduler)."""
-    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     base = StableDiffusionPipeline.from_pretrained(teacher, **dtype_kwarg(torch.float32))
     base.set_progress_bar_config(disable=True)
     if settings.mode == "lora":
         return base, lora_pipeline(teacher, run_dir)
-    lcm = LatentConsistencyModelPipeline.from_pretrained(run_dir / "pipeline", **dtype_kwarg(torch.float32))
+    # the plain pipeline feeds a full LCM's UNet w = guidance - 1 (no CFG) and, unlike
+    # LatentConsistencyModelPipeline, passes TCD's gamma on to the scheduler
+    lcm = StableDiffusionPipeline.from_pretrained(run_dir / "pipeline", **dtype_kwarg(torch.float32))
     lcm.set_progress_bar_config(disable=True)
     return base, lcm
 
@@ -146,7 +156,7 @@ def shipped_lora_steps(lora_dir: Path) -> int | None:
 
 
 def columns_for(settings: DemoSettings, base: Any, lcm: Any, shipped: Any = None) -> list[Column]:
-    from ..sample import teacher_scheduler
+    from ..sample import teacher_scheduler, with_sampler
 
     teacher = base
     teacher.scheduler = teacher_scheduler(base.scheduler.config, "dpm++")
@@ -156,9 +166,16 @@ def columns_for(settings: DemoSettings, base: Any, lcm: Any, shipped: Any = None
         Column(f"{group} {settings.teacher_steps}", group, teacher, settings.teacher_steps, settings.guidance),
         Column(f"{group} 4", group, teacher, 4, settings.guidance),
     ]
+    tcd = {"eta": settings.tcd_gamma}
     cols += [Column(f"LCM {n}", "LCM", lcm, n, lcm_guidance) for n in settings.lcm_steps]
+    if settings.tcd_steps:
+        lcm_tcd = with_sampler(lcm, "tcd")
+        cols += [Column(f"LCM TCD {n}", "LCM TCD", lcm_tcd, n, lcm_guidance, tcd) for n in settings.tcd_steps]
     if shipped is not None:  # the fully distilled LCM-LoRA that ships, beside this run's
         cols += [Column(f"shipped LCM {n}", "shipped LCM", shipped, n, 1.0) for n in settings.shipped_steps]
+        if settings.tcd_steps:
+            shipped_tcd = with_sampler(shipped, "tcd")
+            cols += [Column(f"shipped TCD {n}", "shipped TCD", shipped_tcd, n, 1.0, tcd) for n in settings.tcd_steps]
     return cols
 
 
@@ -186,33 +203,32 @@ def quality_bar(rows: list[dict[str, Any]], steps: int = 4, dpm_steps: int | Non
     """The toy world's quality bar (the LCM paper's claim at small scale), checked on eval/demo rows (dicts with
     label, group, steps, probe_fd, prompt_accuracy): the distilled model at `steps` against the teacher's
     DDIM 50 (probe-FD at most 1.5x, prompt accuracy within 10 points) and DPM-Solver++ at `dpm_steps` (default
-    `steps`; lower probe-FD). One line per criterion whose columns are there, PASS or FAIL with the numbers."""
+    `steps`; lower probe-FD). One line per criterion whose columns are there, PASS or FAIL with the numbers, for
+    each distilled sampler (LCM, TCD) in the rows."""
 
     def find(group: str, n: int) -> dict[str, Any] | None:
         return next((r for r in rows if r["group"] == group and r["steps"] == n and "probe_fd" in r), None)
 
-    student = next((r for r in rows if not r["group"].startswith("teacher") and r["steps"] == steps
-                    and "probe_fd" in r), None)  # fmt: skip
     dpm_steps = steps if dpm_steps is None else dpm_steps
     ddim, dpm = find("teacher DDIM", 50), find("teacher DPM++", dpm_steps)
-    if student is None:
-        return []
-    name, fd, acc = student["label"], student["probe_fd"], student["prompt_accuracy"]
+    students = [r for r in rows if not r["group"].startswith("teacher") and r["steps"] == steps and "probe_fd" in r]
 
     def line(ok: bool, text: str) -> str:
         return f"{'PASS' if ok else 'FAIL'}  {text}"
 
     lines = []
-    if ddim is not None:
-        lines.append(line(fd <= 1.5 * ddim["probe_fd"],
-                          f"{name} probe-FD {fd:.2f} <= 1.5 x teacher DDIM 50's {ddim['probe_fd']:.2f} "
-                          f"(= {1.5 * ddim['probe_fd']:.2f})"))  # fmt: skip
-    if dpm is not None:
-        lines.append(line(fd < dpm["probe_fd"], f"{name} probe-FD {fd:.2f} < teacher DPM++ {dpm_steps}'s "
-                          f"{dpm['probe_fd']:.2f}"))  # fmt: skip
-    if ddim is not None:
-        lines.append(line(acc >= ddim["prompt_accuracy"] - 0.10, f"{name} prompt accuracy {acc:.1%} within 10 "
-                          f"points of teacher DDIM 50's {ddim['prompt_accuracy']:.1%}"))  # fmt: skip
+    for student in students:
+        name, fd, acc = student["label"], student["probe_fd"], student["prompt_accuracy"]
+        if ddim is not None:
+            lines.append(line(fd <= 1.5 * ddim["probe_fd"],
+                              f"{name} probe-FD {fd:.2f} <= 1.5 x teacher DDIM 50's {ddim['probe_fd']:.2f} "
+                              f"(= {1.5 * ddim['probe_fd']:.2f})"))  # fmt: skip
+        if dpm is not None:
+            lines.append(line(fd < dpm["probe_fd"], f"{name} probe-FD {fd:.2f} < teacher DPM++ {dpm_steps}'s "
+                              f"{dpm['probe_fd']:.2f}"))  # fmt: skip
+        if ddim is not None:
+            lines.append(line(acc >= ddim["prompt_accuracy"] - 0.10, f"{name} prompt accuracy {acc:.1%} within 10 "
+                              f"points of teacher DDIM 50's {ddim['prompt_accuracy']:.1%}"))  # fmt: skip
     return lines
 
 
