@@ -352,3 +352,21 @@ def test_toy_lora_alias_names_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "LORA_DIR", tmp_path / "absent")
     with pytest.raises(ConfigError, match="toy LCM-LoRA .*absent.* not in this build"):
         demo.toy_lora()
+
+
+def test_quality_plot_draws_every_sampler_group(tmp_path, monkeypatch):
+    """The demo has six groups (teacher, live and shipped model, each under LCM and TCD): each gets a line."""
+    from matplotlib.figure import Figure
+
+    from lcmkit.eval import Column, quality_plot
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    groups = ["teacher DPM++", "LCM", "LCM TCD", "shipped LCM", "shipped TCD", "teacher DDIM"]
+    columns = [Column(f"{g} {n}", g, None, n, 1.0, metrics={"probe_fd": 10.0 / n + i}) for i, g in enumerate(groups)
+               for n in (2, 4)]  # fmt: skip
+    for c in columns:
+        c.seconds_per_image = 0.01 * c.steps
+    quality_plot(columns, tmp_path / "q.png")
+    legend = [t.get_text() for t in saved[0].axes[0].get_legend().get_texts()]
+    assert legend == groups

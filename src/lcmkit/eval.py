@@ -8,6 +8,7 @@ over image tensors; optional ones (CLIP score, FID) run only from weights the us
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -400,7 +401,7 @@ def quality_plot(columns: list[Column], path: Path, title: str = "quality agains
     fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.2 * len(metrics)), squeeze=False)
     for row, metric in zip(axes, metrics):
         for x_name, ax in zip(("steps", "seconds_per_image"), row):
-            for group, marker in zip(groups, ("o-", "s--", "^:", "d-.")):
+            for group, marker in zip(groups, itertools.cycle(("o-", "s--", "^:", "d-.", "v-", "x--"))):
                 points = sorted((getattr(c, x_name), c.metrics[metric]) for c in columns if c.group == group)
                 points = [(x, y) for x, y in points if math.isfinite(y)]
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker, label=group)
