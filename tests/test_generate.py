@@ -64,6 +64,15 @@ def test_full_lcm_tcd_and_img2img(tiny_sd, shards, tmp_path):
     assert out.size == (64, 64)
     with pytest.raises(ConfigError, match="negative prompt"):
         gen(["x"], negative_prompt="blurry")
+    # gamma: the generator's own (lcmkit serve --tcd-gamma) unless the call gives one; it changes the image
+    kw = dict(steps=2, width=64, height=64, seed=3)
+    deterministic = FewStepGenerator(lcm=full, scheduler="tcd", tcd_gamma=0.0)
+    assert deterministic.tcd_gamma == 0.0
+    np.testing.assert_array_equal(arr(deterministic(["a red square"], **kw)), arr(gen(["a red square"], tcd_gamma=0.0,
+                                                                                    **kw)))  # fmt: skip
+    assert np.abs(arr(deterministic(["a red square"], **kw)) - arr(gen(["a red square"], **kw))).max() > 5
+    with pytest.raises(ConfigError, match="--tcd-gamma 2"):
+        FewStepGenerator(lcm=full, scheduler="tcd", tcd_gamma=2)
 
 
 def test_full_lcm_as_a_single_file_generates_the_same_images(tiny_sd, shards, tmp_path, capsys):

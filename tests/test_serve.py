@@ -156,6 +156,11 @@ def test_bench_serve_prints_latency_per_step_count(tiny_sd, tiny_sd_lora, tmp_pa
     assert [r["steps"] for r in rows] == [1, 2]
     assert all(r["median_ms"] >= r["median_generation_ms"] > 0 for r in rows)
     assert main(["bench", "serve", "--base", tiny_sd, "--lora", tiny_sd_lora, "--steps", "9"]) == 2
+    capsys.readouterr()
+    bad_gamma = ["bench", "serve", "--base", tiny_sd, "--lora", tiny_sd_lora, "--scheduler", "tcd", "--tcd-gamma", "-1"]
+    assert main(bad_gamma) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--tcd-gamma -1" in err and len(err.splitlines()) == 1
 
 
 def test_without_a_model_it_serves_the_shipped_toy_teacher_and_lcm_lora(capsys):
@@ -164,7 +169,8 @@ def test_without_a_model_it_serves_the_shipped_toy_teacher_and_lcm_lora(capsys):
     from lcmkit.cli import _serve_generator
 
     names = ("base", "lora", "lcm", "base_config")
-    args = argparse.Namespace(**dict.fromkeys(names), scheduler="lcm", device="cpu", dtype="auto", compile=False)
+    args = argparse.Namespace(**dict.fromkeys(names), scheduler="lcm", device="cpu", dtype="auto", compile=False,
+                              tcd_gamma=0.3)  # fmt: skip
     gen = _serve_generator(args)
     assert gen.adapters and gen.pipe.unet.config.sample_size == 16  # the toy teacher, LoRA loaded
     assert main(["bench", "serve", "--steps", "2", "--repeats", "2"]) == 0  # no model arguments at all

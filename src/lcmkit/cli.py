@@ -86,7 +86,7 @@ def _serve_generator(args: argparse.Namespace) -> Any:
                               "pass --base MODEL --lora LCM_LORA or --lcm FULL_LCM")  # fmt: skip
         base, loras = str(assets / "teacher"), [(str(assets / "lcm_lora"), 1.0)]
     return FewStepGenerator(base, loras, args.lcm, args.scheduler, args.device, args.dtype, args.base_config,
-                            compile=args.compile)  # fmt: skip
+                            compile=args.compile, tcd_gamma=args.tcd_gamma)  # fmt: skip
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -422,6 +422,7 @@ def _add_serve_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]", help="the LCM-LoRA (+ style LoRAs)")
     p.add_argument("--lcm", help="a full LCM (distill output, pipeline folder or single file)")
     p.add_argument("--scheduler", choices=["lcm", "tcd"], default="lcm")
+    p.add_argument("--tcd-gamma", type=float, default=0.3, help="with --scheduler tcd: TCD's gamma in [0, 1]")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     p.add_argument(

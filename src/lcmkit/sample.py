@@ -338,6 +338,7 @@ class FewStepGenerator:
         num_ddim_timesteps: int = 50,
         allow_pickle: bool = False,
         compile: bool = False,
+        tcd_gamma: float = 0.3,
     ):
         from .config import ConfigError, ModelConfig
         from .models import load_teacher
@@ -347,6 +348,8 @@ class FewStepGenerator:
             raise ConfigError("give either --base (with --lora) or --lcm (a full LCM folder)")
         if scheduler not in LCM_SAMPLERS:
             raise ConfigError(f"--scheduler {scheduler!r}: choose one of {', '.join(LCM_SAMPLERS)}")
+        check_tcd_gamma(tcd_gamma)
+        self.tcd_gamma = tcd_gamma
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.full = lcm is not None
@@ -437,12 +440,13 @@ class FewStepGenerator:
         batch_size: int = 1,
         init_image: Image.Image | None = None,
         strength: float = 0.5,
-        tcd_gamma: float = 0.3,
+        tcd_gamma: float | None = None,
         progress: bool = False,
         should_stop: Callable[[], bool] | None = None,
     ) -> list[Image.Image]:
         """Image i uses a generator seeded seed + i: the same seed gives the same image in any batch.
-        `should_stop`, checked after every denoising step, aborts the call with Superseded (lcmkit serve)."""
+        `should_stop`, checked after every denoising step, aborts the call with Superseded (lcmkit serve).
+        `tcd_gamma` (TCDScheduler only) defaults to the generator's."""
 
         from .config import ConfigError
 
@@ -455,6 +459,7 @@ class FewStepGenerator:
         guidance = self.default_guidance if guidance is None else guidance
         if guidance < 0:
             raise ConfigError(f"--guidance {guidance}: must be >= 0")
+        tcd_gamma = self.tcd_gamma if tcd_gamma is None else tcd_gamma
         check_tcd_gamma(tcd_gamma)
         if negative_prompt and self.full:
             raise ConfigError("a full LCM takes no negative prompt (guidance is its input); drop --negative-prompt")
