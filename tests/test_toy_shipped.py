@@ -35,3 +35,22 @@ def test_shipped_teacher_and_lcm_lora_load_offline_and_draw_the_prompt():
     assert np.abs(np.stack(with_lora).astype(int) - np.stack(without)).mean() > 3  # the LoRA changes the image
     assert prompt_accuracy(with_lora, PROMPTS) >= 0.8  # ...into what was asked, in 2 steps
     assert prompt_accuracy(with_lora, PROMPTS) >= prompt_accuracy(without, PROMPTS) + 0.15
+
+
+def test_generate_with_the_toy_aliases_under_both_samplers(tmp_path):
+    """`lcmkit generate --base toy --lora toy`: the shipped pair, offline; --scheduler tcd draws the prompt too,
+    from the same seeds, with different pixels than LCMScheduler."""
+    from PIL import Image
+
+    from lcmkit.cli import main
+
+    prompt = PROMPTS[0]
+    drawn = {}
+    for scheduler in ("lcm", "tcd"):
+        out = tmp_path / scheduler
+        args = ["generate", "--base", "toy", "--lora", "toy", "--prompt", prompt, "--num-images", "4", "--scheduler",
+                scheduler, "--tcd-gamma", "0.3", "--out", str(out)]  # fmt: skip
+        assert main(args) == 0
+        drawn[scheduler] = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(out.glob("*.png"))]
+        assert len(drawn[scheduler]) == 4 and prompt_accuracy(drawn[scheduler], [prompt] * 4) >= 0.75
+    assert np.abs(np.stack(drawn["lcm"]).astype(int) - np.stack(drawn["tcd"]).astype(int)).max() > 20

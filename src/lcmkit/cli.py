@@ -75,10 +75,9 @@ def _serve_generator(args: argparse.Namespace) -> Any:
     """The FewStepGenerator of serve / bench serve; no model: the shipped toy teacher and its LCM-LoRA."""
     from pathlib import Path
 
-    from .sample import FewStepGenerator, parse_lora_spec
+    from .sample import FewStepGenerator
 
-    loras = [parse_lora_spec(s) for s in args.lora or []]
-    base = args.base
+    base, loras = base_and_loras(args.base, args.lora)
     if not base and not args.lcm:
         assets = Path(__file__).parent / "toy" / "assets"
         if not (assets / "teacher" / "model_index.json").is_file() or not (assets / "lcm_lora").is_dir():
@@ -193,7 +192,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from PIL import Image
 
-    from .sample import FewStepGenerator, parse_lora_spec, save_images
+    from .sample import FewStepGenerator, save_images
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -214,8 +213,8 @@ def _generate(args: argparse.Namespace) -> int:
             init.load()
         except Exception as e:
             raise ConfigError(f"--image {args.image} is not a readable image: {e}") from None
-    loras = [parse_lora_spec(s) for s in args.lora or []]
-    gen = FewStepGenerator(args.base, loras, args.lcm, args.scheduler, args.device, args.dtype, args.base_config,
+    base, loras = base_and_loras(args.base, args.lora)
+    gen = FewStepGenerator(base, loras, args.lcm, args.scheduler, args.device, args.dtype, args.base_config,
                            allow_pickle=args.allow_pickle, compile=args.compile)  # fmt: skip
     if args.compile:
         print("lcmkit: --compile: the first batch compiles the UNet and VAE decoder (minutes on a CPU)",
@@ -317,6 +316,14 @@ def toy_aliases(teacher: str | None, lora: str | None) -> tuple[str | None, str 
     from .toy.demo import toy_lora, toy_teacher
 
     return (toy_teacher() if teacher == "toy" else teacher), (toy_lora() if lora == "toy" else lora)
+
+
+def base_and_loras(base: str | None, specs: list[str] | None) -> tuple[str | None, list[tuple[str, float]]]:
+    """--base and repeated --lora PATH[:WEIGHT] of generate / serve, 'toy' naming the shipped ones."""
+    from .sample import parse_lora_spec
+
+    loras = [parse_lora_spec(s) for s in specs or []]
+    return toy_aliases(base, None)[0], [(str(toy_aliases(None, path)[1]), weight) for path, weight in loras]
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -472,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     pu.set_defaults(func=_push)
 
     g = sub.add_parser("generate", help="few-step images from base + LCM-LoRA (+ style LoRAs) or a full LCM")
-    g.add_argument("--base", help="base model: hub id, diffusers folder or .safetensors file")
+    g.add_argument("--base", help="base model: hub id, diffusers folder or .safetensors file ('toy': the shipped one)")
     g.add_argument("--base-config", help="for a single-file base offline: a diffusers folder with its configs")
     g.add_argument(
         "--lora", action="append", metavar="PATH[:WEIGHT]", help="LoRA to stack (repeatable), e.g. the LCM-LoRA"
