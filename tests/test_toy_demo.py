@@ -54,3 +54,10 @@ def test_quick_demo_writes_grid_table_and_plot(tmp_path, capsys):
 def test_demo_without_teacher_says_what_to_do(tmp_path, capsys):
     assert main(["demo", "--quick", "--teacher", str(tmp_path / "none"), "--out", str(tmp_path / "d")]) == 2
     assert "toy teacher" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_bad_tcd_gamma_before_any_work(tmp_path, capsys):
+    assert main(["demo", "--quick", "--tcd-gamma", "1.5", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--tcd-gamma 1.5" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "d").exists()
