@@ -185,3 +185,12 @@ def test_distill_push_to_hub_failure_keeps_the_finished_run(tiny_sd, shards, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("lcmkit: error: push to me/x failed: offline mode is on")
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "README.md").is_file()
+
+
+def test_the_lora_snippet_samples_on_the_grid_it_was_distilled_on(lora_run):
+    from lcmkit.card import usage_snippet
+
+    record = json.loads((lora_run / "lcmkit_run.json").read_text())
+    assert "original_inference_steps" not in usage_snippet(record, "me/lora")  # the default N = 50
+    record["config"]["lcd"]["num_ddim_timesteps"] = 8
+    assert "LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=8)" in usage_snippet(record, "x")

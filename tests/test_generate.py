@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -73,6 +74,33 @@ def test_full_lcm_tcd_and_img2img(tiny_sd, shards, tmp_path):
     assert np.abs(arr(deterministic(["a red square"], **kw)) - arr(gen(["a red square"], **kw))).max() > 5
     with pytest.raises(ConfigError, match="--tcd-gamma 2"):
         FewStepGenerator(lcm=full, scheduler="tcd", tcd_gamma=2)
+
+
+def test_an_lcm_lora_samples_on_the_ddim_grid_it_was_distilled_on(tiny_sd, shards, sd_lora, tmp_path):
+    """A LoRA distilled with N = 8 DDIM timesteps is trained at t = 124, 249, ..., 999 only: LCM and TCD sampling
+    (generate, eval, serve, the fused export) must step on that grid, not on the default N = 50 one."""
+    from diffusers import DiffusionPipeline
+
+    from lcmkit.export import fuse_lora
+
+    def timesteps(pipe) -> list[int]:
+        pipe.scheduler.set_timesteps(4)
+        return pipe.scheduler.timesteps.tolist()
+
+    args = ["distill", "--teacher", tiny_sd, "--data", shards, "--out", str(tmp_path / "n8"), "--mode", "lora",
+            "--max-steps", "1", "--batch-size", "2", "--resolution", "64", "--lora-rank", "4",
+            "--num-ddim-timesteps", "8", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    n8 = str(tmp_path / "n8")
+    style = tmp_path / "style"  # a LoRA without an lcmkit run record says nothing of the grid
+    style.mkdir()
+    shutil.copy(f"{sd_lora}/pytorch_lora_weights.safetensors", style)
+    assert timesteps(FewStepGenerator(base=tiny_sd, loras=[(sd_lora, 1.0)]).pipe) == [999, 759, 499, 259]
+    for loras in ([(n8, 1.0)], [(f"{n8}/pytorch_lora_weights.safetensors", 1.0)], [(str(style), 0.5), (n8, 1.0)]):
+        gen = FewStepGenerator(base=tiny_sd, loras=loras, scheduler="tcd")
+        assert timesteps(gen.pipe) == [999, 749, 499, 249], loras
+    fused = fuse_lora(tiny_sd, n8, tmp_path / "fused")
+    assert timesteps(DiffusionPipeline.from_pretrained(fused)) == [999, 749, 499, 249]
 
 
 def test_full_lcm_as_a_single_file_generates_the_same_images(tiny_sd, shards, tmp_path, capsys):

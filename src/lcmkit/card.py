@@ -57,11 +57,13 @@ def usage_snippet(record: dict[str, Any], weights: str) -> str:
     teacher, family, mode = record["config"]["model"]["teacher"], record["family"], record["mode"]
     if mode == "lora":
         pipe_cls = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+        n = record["config"]["lcd"]["num_ddim_timesteps"]  # the grid it was distilled on: sample on the same one
+        grid = "" if n == 50 else f", original_inference_steps={n}"
         return f'''import torch
 from diffusers import {pipe_cls}, LCMScheduler
 
 pipe = {pipe_cls}.from_pretrained("{teacher}")
-pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config{grid})
 pipe.load_lora_weights("{weights}")
 image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=1.0).images[0]
 image.save("cat.png")'''

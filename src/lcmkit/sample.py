@@ -238,6 +238,27 @@ def lora_file(path: str | Path, allow_pickle: bool = False) -> Path:
     return weights_file(p, "LoRA", allow_pickle)
 
 
+def lcm_lora_ddim_timesteps(loras: list[tuple[str, float]], default: int = 50) -> int:
+    """N, the DDIM skipping grid an lcmkit LCM-LoRA among `loras` was distilled on (its run record beside the
+    weights), else `default`. Its consistency function is trained at those N timesteps only, so LCMScheduler and
+    TCDScheduler must draw their steps from the same grid (original_inference_steps = N)."""
+    import json
+
+    for path, _ in loras:
+        p = Path(path).expanduser()
+        record = (p if p.is_dir() else p.parent) / "lcmkit_run.json"
+        try:
+            run = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(run, dict) or run.get("mode") != "lora":
+            continue
+        n = run.get("config", {}).get("lcd", {}).get("num_ddim_timesteps")
+        if isinstance(n, int) and n >= 1:
+            return n
+    return default
+
+
 def parse_lora_spec(spec: str) -> tuple[str, float]:
     """'path[:weight]' -> (path, weight); a Windows drive letter or a path with ':' stays whole."""
     from .config import ConfigError
@@ -335,7 +356,7 @@ class FewStepGenerator:
         device: str = "auto",
         dtype: str = "auto",
         base_config: str | None = None,
-        num_ddim_timesteps: int = 50,
+        num_ddim_timesteps: int | None = None,
         allow_pickle: bool = False,
         compile: bool = False,
         tcd_gamma: float = 0.3,
@@ -358,7 +379,8 @@ class FewStepGenerator:
         else:
             teacher = load_teacher(ModelConfig(teacher=base, teacher_config=base_config, allow_pickle=allow_pickle))
             self.family = teacher.family
-            self.pipe = lcm_pipeline(teacher, teacher.unet, num_ddim_timesteps)
+            n = num_ddim_timesteps or lcm_lora_ddim_timesteps(loras)
+            self.pipe = lcm_pipeline(teacher, teacher.unet, n)
         self.adapters: list[tuple[str, float]] = []
         for i, (path, weight) in enumerate(loras):
             file = lora_file(path, allow_pickle)
