@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
 from lcmkit.cli import main
+from lcmkit.toy.demo import lora_pipeline
 from lcmkit.toy.teacher import TeacherRecipe, build_text_encoder, build_unet, save_pipeline, teacher_tokenizer
 from lcmkit.toy.vae import build_toy_vae
 
@@ -39,12 +41,16 @@ def test_quick_demo_writes_grid_table_and_plot(tmp_path, capsys):
     # a fully distilled LCM-LoRA (here: the run above's) is shown beside a new live run, labelled as such
     again = tmp_path / "demo2"
     args = ["demo", "--quick", "--teacher", teacher, "--steps", "2", "--shipped-lora", str(out / "lcm-lora"),
-            "--out", str(again)]  # fmt: skip
+            "--num-ddim-timesteps", "8", "--out", str(again)]  # fmt: skip
     assert main(args) == 0
     second = json.loads((again / "metrics.json").read_text())
     columns = {c["label"]: c for c in second["columns"]}
     assert list(columns)[-3:] == ["shipped LCM 2", "shipped LCM 4", "shipped TCD 4"]
     assert second["distill_steps"] == 2 and second["shipped_lora_steps"] == 20
+    run = json.loads((again / "lcm-lora" / "lcmkit_run.json").read_text())
+    assert run["config"]["lcd"]["num_ddim_timesteps"] == 8  # and its LCM columns sample on that grid:
+    assert lora_pipeline(teacher, again / "lcm-lora").scheduler.config.original_inference_steps == 8
+    assert lora_pipeline(teacher, out / "lcm-lora").scheduler.config.original_inference_steps == 50
     first = {c["label"]: c for c in record["columns"]}
     for metric in ("prompt_accuracy", "probe_fd"):  # same LoRA, prompts and noise as the first run's LCM 4
         assert abs(columns["shipped LCM 4"][metric] - first["LCM 4"][metric]) < 1e-6
@@ -56,8 +62,9 @@ def test_demo_without_teacher_says_what_to_do(tmp_path, capsys):
     assert "toy teacher" in capsys.readouterr().err
 
 
-def test_demo_refuses_a_bad_tcd_gamma_before_any_work(tmp_path, capsys):
-    assert main(["demo", "--quick", "--tcd-gamma", "1.5", "--out", str(tmp_path / "d")]) == 2
+@pytest.mark.parametrize("flag, value", [("--tcd-gamma", "1.5"), ("--num-ddim-timesteps", "0")])
+def test_demo_refuses_a_bad_value_before_any_work(flag, value, tmp_path, capsys):
+    assert main(["demo", "--quick", flag, value, "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "--tcd-gamma 1.5" in err and len(err.splitlines()) == 1
+    assert f"{flag} {value}" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "d").exists()

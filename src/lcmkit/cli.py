@@ -171,7 +171,8 @@ def _toy_ship_teacher(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .toy.demo import DemoSettings, run_demo
 
-    names = ("out", "mode", "teacher", "steps", "learning_rate", "seed", "shipped_lora", "tcd_gamma")
+    names = ("out", "mode", "teacher", "steps", "learning_rate", "num_ddim_timesteps", "seed", "shipped_lora",
+             "tcd_gamma")  # fmt: skip
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
     settings = DemoSettings.quick(**given) if args.quick else DemoSettings(**given)
     settings.check()
@@ -619,6 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="distillation steps")
     d.add_argument("--learning-rate", type=float, default=None,
                    help="of the distillation (default 1e-4: quick to converge in the short live run)")  # fmt: skip
+    d.add_argument("--num-ddim-timesteps", type=int, default=None,
+                   help="N of the distillation's skipping-step grid (k = 1000 / N)")  # fmt: skip
     d.add_argument("--teacher", default=None, help="another toy-world teacher folder")
     d.add_argument("--seed", type=int, default=None)
     d.add_argument("--shipped-lora", default=None,

@@ -40,6 +40,8 @@ class DemoSettings:
     """LoRA steps of the live run: 240 keeps `make demo` within 10 minutes on a 2-core CPU (300 took 607 s)."""
     batch_size: int = 32
     learning_rate: float = 1e-4
+    num_ddim_timesteps: int = 50
+    """N of the skipping-step grid (k = 1000 / N)."""
     lora_rank: int = 32
     guidance: float = 5.0
     """The teacher's classifier-free guidance scale; LCD learns it (w = guidance - 1)."""
@@ -64,6 +66,8 @@ class DemoSettings:
         from ..sample import check_tcd_gamma
 
         check_tcd_gamma(self.tcd_gamma)
+        if not 1 <= self.num_ddim_timesteps <= 1000:
+            raise ConfigError(f"--num-ddim-timesteps {self.num_ddim_timesteps}: must be between 1 and 1000")
 
     @classmethod
     def quick(cls, **kw: Any) -> DemoSettings:
@@ -109,6 +113,7 @@ def distill_config(settings: DemoSettings, teacher: str, data: str, out: Path) -
     w = settings.guidance - 1.0
     # LoRA has no w input: it learns the teacher's ODE at the demo's guidance; a full LCM learns a range.
     cfg.lcd.w_min, cfg.lcd.w_max = (w, w) if settings.mode == "lora" else (max(w - 3.0, 0.0), w + 3.0)
+    cfg.lcd.num_ddim_timesteps = settings.num_ddim_timesteps
     cfg.lora.lora_rank = settings.lora_rank
     cfg.optim.learning_rate = settings.learning_rate
     cfg.optim.adam_weight_decay = 0.0
@@ -124,11 +129,14 @@ def distill_config(settings: DemoSettings, teacher: str, data: str, out: Path) -
 
 
 def lora_pipeline(teacher: str, lora_dir: str | Path) -> Any:
-    """The teacher with an LCM-LoRA fused in, on LCMScheduler."""
+    """The teacher with an LCM-LoRA fused in, on LCMScheduler over the DDIM grid the LoRA was distilled on."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
+    from ..sample import lcm_lora_ddim_timesteps
+
     lcm = StableDiffusionPipeline.from_pretrained(teacher, **dtype_kwarg(torch.float32))
-    lcm.scheduler = LCMScheduler.from_config(lcm.scheduler.config)
+    n = lcm_lora_ddim_timesteps([(str(lora_dir), 1.0)])
+    lcm.scheduler = LCMScheduler.from_config(lcm.scheduler.config, original_inference_steps=n)
     lcm.load_lora_weights(str(lora_dir))
     lcm.fuse_lora()
     lcm.set_progress_bar_config(disable=True)
