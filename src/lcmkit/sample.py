@@ -575,7 +575,9 @@ def plain_diffusers_pipeline(teacher: str, lora: str | None, lcm: str | None, de
 
     folder = Path(lcm) / "pipeline" if lcm and (Path(lcm) / "pipeline").is_dir() else lcm
     pipe = DiffusionPipeline.from_pretrained(folder or teacher, **dtype_kwarg(dtype))
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    # an LCM-LoRA on the grid it was distilled on, as its model card says (a full LCM's config holds its own)
+    grid = {"original_inference_steps": lcm_lora_ddim_timesteps([(lora, 1.0)])} if lora else {}
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, **grid)
     if lora:
         file = lora_file(lora)
         pipe.load_lora_weights(str(file.parent), weight_name=file.name)
