@@ -39,7 +39,8 @@ class Batches:
 
 
 def train(out: Path, accumulation: int, batches: Batches) -> dict[str, torch.Tensor]:
-    from lcmkit.train import Trainer, TrainerSettings, accelerator_session
+    from lcmkit.train.loop import Trainer, TrainerSettings
+    from lcmkit.train.session import accelerator_session
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))

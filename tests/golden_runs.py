@@ -86,7 +86,7 @@ def weight_files(out: Path, mode: str) -> dict[str, Path]:
 
 
 def run_case(name: str, teachers: dict[str, str], data: dict[str, str], work: Path) -> dict[str, object]:
-    from lcmkit.cli import main
+    from lcmkit.app.cli import main
 
     _, family, mode, kind, extra = next(c for c in CASES if c[0] == name)
     out = work / name
@@ -109,7 +109,7 @@ def build_inputs(work: Path) -> tuple[dict[str, str], dict[tuple[str, str], str]
     """The tiny teachers, the shards, and one cache per family (fp32, so cached runs compare closely)."""
     from tiny_models import make_shards, make_tiny_sd, make_tiny_sdxl
 
-    from lcmkit.cli import main
+    from lcmkit.app.cli import main
 
     teachers = {
         "sd": str(make_tiny_sd(work / "tiny-sd")),
@@ -144,10 +144,14 @@ if __name__ == "__main__":
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(Path(__file__).parent))
-    if "--write" not in sys.argv:
-        sys.exit("usage: python tests/golden_runs.py --write   (records tests/golden/distill.json)")
+    if sys.argv[1:] == ["--write"]:
+        target = GOLDEN
+    elif len(sys.argv) == 3 and sys.argv[1] == "--to":
+        target = Path(sys.argv[2])
+    else:
+        sys.exit("usage: python tests/golden_runs.py --write (records tests/golden/distill.json) | --to FILE.json")
     with tempfile.TemporaryDirectory() as tmp:
         result = record_all(Path(tmp))
-    GOLDEN.parent.mkdir(exist_ok=True)
-    GOLDEN.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {GOLDEN}")
+    target.parent.mkdir(exist_ok=True)
+    target.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {target}")

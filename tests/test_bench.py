@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lcmkit.cli import main
+from lcmkit.app.cli import main
 
 
 def test_bench_distill_reports_both_modes(tiny_sd, shards, tmp_path, capsys):

@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file
 from test_data import make_folder
 
-from lcmkit.cli import main
-from lcmkit.config import ConfigError, ModelConfig
+from lcmkit.app.cli import main
 from lcmkit.data import ImageTransform, SampleStream, resolve_data
-from lcmkit.models import load_teacher
+from lcmkit.distill.config import ModelConfig
+from lcmkit.errors import ConfigError
+from lcmkit.families.teacher import load_teacher
 
 
 def cache_cli(teacher: str, data: str, out: Path, *extra: str) -> int:
@@ -52,7 +53,7 @@ def test_cache_holds_the_encodings(tiny_sd, tmp_path):
     torch.testing.assert_close(torch.stack([it["latent_std"] for it in cached]), dist.std, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.stack([it["hidden_states"] for it in cached]), hidden, atol=1e-5, rtol=1e-4)
     assert "cache" in resolve_data(str(out)).description  # recognised without the prefix
-    from lcmkit.info import describe
+    from lcmkit.formats.info import describe
 
     info = describe(out)
     assert (info["kind"], info["family"], info["samples"], info["shards"], info["resolution"]) == (

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from lcmkit.cli import main
+from lcmkit.app.cli import main
 
 FAKE_TOKEN = "hf_lcmkitFakeToken0123456789abcdef"
 
@@ -64,7 +64,7 @@ def test_full_card(tiny_sd, shards, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code.replace('"a photo of a cat"', '"a photo of a cat", height=64, width=64'), "card", "exec"), {})
     assert (tmp_path / "cat.png").is_file()
-    from lcmkit.card import upload_plan
+    from lcmkit.outputs.hub import upload_plan
 
     plan = upload_plan(out)
     assert "model_index.json" in plan and "unet/diffusion_pytorch_model.safetensors" in plan  # pipeline at the top
@@ -188,7 +188,7 @@ def test_distill_push_to_hub_failure_keeps_the_finished_run(tiny_sd, shards, tmp
 
 
 def test_the_lora_snippet_samples_on_the_grid_it_was_distilled_on(lora_run):
-    from lcmkit.card import usage_snippet
+    from lcmkit.outputs.card import usage_snippet
 
     record = json.loads((lora_run / "lcmkit_run.json").read_text())
     assert "original_inference_steps" not in usage_snippet(record, "me/lora")  # the default N = 50

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lcmkit.cli import main
-from lcmkit.config import ConfigError, load_config, validate
+from lcmkit.app.cli import main
+from lcmkit.distill.config import load_config, validate
+from lcmkit.errors import ConfigError
 
 
 def run(capsys, *args: str) -> tuple[int, str]:
@@ -133,7 +134,7 @@ def test_processes_that_accelerate_did_not_join_are_refused(capsys, tiny_sd, sha
 
 
 def test_every_distill_flag_is_explained_in_help(capsys):
-    from lcmkit.config import _section_fields
+    from lcmkit.distill.config import _section_fields
 
     with pytest.raises(SystemExit):
         main(["distill", "--help"])

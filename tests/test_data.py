@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from tiny_models import make_shards
 
-from lcmkit.config import ConfigError
 from lcmkit.data import ImageTransform, SampleStream, expand_shards, resolve_data
+from lcmkit.errors import ConfigError
 
 
 def test_spec_forms(tmp_path):
@@ -147,7 +147,7 @@ def test_folder_with_a_zero_byte_and_a_truncated_jpeg(tmp_path):
 
 
 def test_distill_from_an_image_folder(tiny_sd, tmp_path):
-    from lcmkit.cli import main
+    from lcmkit.app.cli import main
 
     root = make_folder(tmp_path / "f", "txt")  # img5 has no caption
     out = tmp_path / "out"

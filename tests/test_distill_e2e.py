@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lcmkit.cli import main
+from lcmkit.app.cli import main
 
 STEPS = 10
 

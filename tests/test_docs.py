@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from lcmkit.cli import main
+from lcmkit.app.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 GUIDE = REPO / "docs" / "guide.md"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lcmkit.cli import main
-from lcmkit.eval import (
+from lcmkit.app.cli import main
+from lcmkit.measure.eval import (
     clip_score,
     feature_fd,
     fid_scorer,
@@ -170,8 +170,8 @@ def test_teacher_steps_and_samplers_pick_the_teacher_columns(tiny_sd, tiny_sd_lo
 def test_tcd_columns_sample_the_same_model_from_the_same_noise(tiny_sd, tiny_sd_lora, tmp_path):
     """--lcm-samplers lcm,tcd: a TCD column per step count beside the LCM one, the same weights and initial
     noise, different images from 2 steps on (TCD's gamma changes where each step re-noises to)."""
-    from lcmkit.eval import EvalSettings, build_columns, sample_columns
-    from lcmkit.sample import initial_noise
+    from lcmkit.infer.pipelines import initial_noise
+    from lcmkit.measure.eval import EvalSettings, build_columns, sample_columns
 
     settings = EvalSettings(teacher=tiny_sd, prompts=["a red square", "a blue circle"], lora=tiny_sd_lora,
                             steps=[1, 2], teacher_steps=[2], teacher_samplers=("dpm++",),
@@ -191,9 +191,10 @@ def test_tcd_columns_sample_the_same_model_from_the_same_noise(tiny_sd, tiny_sd_
 def test_initial_noise_is_the_noise_the_pipeline_draws_per_seed(tiny_sd, sampler):
     """Given latents give the images the pipeline draws itself, also for LCM, which draws fresh noise
     between steps (that noise must not repeat the initial noise)."""
-    from lcmkit.config import ModelConfig
-    from lcmkit.models import load_teacher
-    from lcmkit.sample import initial_noise, lcm_pipeline, run_batched, teacher_pipeline, teacher_scheduler
+    from lcmkit.distill.config import ModelConfig
+    from lcmkit.families.teacher import load_teacher
+    from lcmkit.infer.pipelines import initial_noise, lcm_pipeline, run_batched, teacher_pipeline
+    from lcmkit.infer.schedulers import teacher_scheduler
 
     teacher = load_teacher(ModelConfig(teacher=tiny_sd))
     if sampler == "lcm":
@@ -289,7 +290,8 @@ def test_bad_input_is_one_clear_line(tiny_sd, tiny_sd_lora, tmp_path, capsys, ex
 
 
 def test_fused_lora_pipeline_draws_what_the_adapter_draws(tiny_sd, tiny_sd_lora):
-    from lcmkit.sample import FewStepGenerator, distilled_pipeline, initial_noise, run_batched
+    from lcmkit.infer.generator import FewStepGenerator, distilled_pipeline
+    from lcmkit.infer.pipelines import initial_noise, run_batched
 
     prompts, noise = ["a red square"], initial_noise(1, (4, 8, 8), 0)
     kw = dict(num_inference_steps=2, guidance_scale=1.0, height=64, width=64, latents=noise)
@@ -347,7 +349,7 @@ def test_quality_bar_checks_the_three_criteria():
 
 def test_toy_lora_alias_names_what_is_missing(tmp_path, monkeypatch):
     import lcmkit.toy.demo as demo
-    from lcmkit.config import ConfigError
+    from lcmkit.errors import ConfigError
 
     monkeypatch.setattr(demo, "LORA_DIR", tmp_path / "absent")
     with pytest.raises(ConfigError, match="toy LCM-LoRA .*absent.* not in this build"):
@@ -358,7 +360,7 @@ def test_quality_plot_draws_every_sampler_group(tmp_path, monkeypatch):
     """The demo has six groups (teacher, live and shipped model, each under LCM and TCD): each gets a line."""
     from matplotlib.figure import Figure
 
-    from lcmkit.eval import Column, quality_plot
+    from lcmkit.measure.eval import Column, quality_plot
 
     saved = []
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig))

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lcmkit.cli import main
-from lcmkit.config import ConfigError
-from lcmkit.sample import FewStepGenerator
+from lcmkit.app.cli import main
+from lcmkit.errors import ConfigError
+from lcmkit.infer.generator import FewStepGenerator
 
 
 def distill(teacher: str, shards: str, out, mode: str) -> str:
@@ -81,7 +81,7 @@ def test_an_lcm_lora_samples_on_the_ddim_grid_it_was_distilled_on(tiny_sd, shard
     (generate, eval, serve, the fused export) must step on that grid, not on the default N = 50 one."""
     from diffusers import DiffusionPipeline
 
-    from lcmkit.export import fuse_lora
+    from lcmkit.outputs.export import fuse_lora
 
     def timesteps(pipe) -> list[int]:
         pipe.scheduler.set_timesteps(4)
@@ -214,7 +214,7 @@ def test_subpixel_upsample_equals_nearest_upsample_then_conv(tiny_sd):
     from diffusers import AutoencoderKL
     from diffusers.models.upsampling import Upsample2D
 
-    from lcmkit.sample import SubpixelUpsample, subpixel_vae_decoder
+    from lcmkit.infer.fast_vae import SubpixelUpsample, subpixel_vae_decoder
 
     torch.manual_seed(0)
     up = Upsample2D(8, use_conv=True, out_channels=6)

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lcmkit.lock import LOCK_NAME
-from lcmkit.train import PAUSE_HOOK
+from lcmkit.train.checkpoint import PAUSE_HOOK
+from lcmkit.train.lock import LOCK_NAME
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 STEPS = 8

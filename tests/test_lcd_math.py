@@ -8,21 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from lcmkit.conditioning import Conditioning
-from lcmkit.lcd import (
-    LCDSettings,
-    NoiseSchedule,
-    boundary_scalings,
-    consistency_function,
-    ddim_step,
-    ddim_timesteps,
-    guidance_scale_embedding,
-    lcd_loss,
-    predicted_noise,
-    predicted_origin,
-    pseudo_huber,
-    sample_timestep_pairs,
-)
+from lcmkit.core.consistency import boundary_scalings, guidance_scale_embedding, pseudo_huber
+from lcmkit.core.prediction import predicted_noise, predicted_origin
+from lcmkit.core.schedule import NoiseSchedule, ddim_timesteps, sample_timestep_pairs
+from lcmkit.core.solver import ddim_step
+from lcmkit.families.conditioning import Conditioning
+from lcmkit.methods.lcd import LCDSettings, consistency_function, lcd_loss
 
 
 def sd_schedule() -> NoiseSchedule:

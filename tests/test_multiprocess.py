@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 from test_kill_resume import lcmkit_env
 
-from lcmkit.cli import main
-from lcmkit.train import NAN_HOOK
+from lcmkit.app.cli import main
+from lcmkit.train.loop import NAN_HOOK
 
 TESTS = Path(__file__).resolve().parent
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 from test_distill_e2e import distill_args, losses, run_cli
 
-from lcmkit.conditioning import Conditioning
-from lcmkit.config import LCDConfig, LoraConfig, ModelConfig
-from lcmkit.models import build_lcd_models, load_teacher, unet_call
+from lcmkit.distill.config import LCDConfig, LoraConfig, ModelConfig
+from lcmkit.families.conditioning import Conditioning
+from lcmkit.families.teacher import load_teacher
+from lcmkit.families.unet import build_lcd_models, unet_call
 
 
 def test_lora_teacher_view_shares_weights_and_equals_adapters_disabled(tiny_sd):
@@ -52,9 +53,11 @@ def test_optimizations_keep_the_fixed_seed_losses(tiny_sd, shards, tmp_path, mod
     assert sorted(a) == [1, 2, 3, 4]
     assert a[1] == pytest.approx(b[1], rel=1e-4)  # the same weights: the same loss
     # Adam's first updates are ~lr * sign(g): float noise in near-zero gradients (other conv kernels) grows over
-    # steps (3.7e-3 relative by step 4 in full mode, measured); the update itself is tested exactly below.
-    for step in (2, 3, 4):
-        assert a[step] == pytest.approx(b[step], rel=1e-2), step
+    # steps: by step 4 in full mode 3.7e-3 relative on one CPU, 2.1e-2 on another (native against oneDNN convolutions
+    # alone; fused against plain AdamW moved it by 2e-5). The update itself is tested exactly below.
+    assert a[2] == pytest.approx(b[2], rel=1e-3)
+    for step in (3, 4):
+        assert a[step] == pytest.approx(b[step], rel=5e-2), step
     profile = json.loads((fast / "profile.json").read_text())
     assert profile["steps"] == 2
     for phase in ("lcd/student_forward", "lcd/teacher", "lcd/target", "train/backward", "train/optimizer"):
@@ -114,8 +117,8 @@ def test_channels_last_keeps_the_losses(tiny_sd, shards, tmp_path, mode):
 
 
 def test_fused_adamw_makes_the_same_update():
-    from lcmkit.config import DistillConfig
-    from lcmkit.distill import make_optimizer
+    from lcmkit.distill.config import DistillConfig
+    from lcmkit.train.optim import make_optimizer
 
     shapes = [(8, 4), (16,), (4, 4, 3, 3)]
     runs = []
@@ -188,7 +191,7 @@ def test_teacher_precision_option(tiny_sd, shards, tmp_path):
 
 
 def test_adafactor_factors_convolutions_as_matrices():
-    from lcmkit.distill import MatrixAdafactor
+    from lcmkit.train.optim import MatrixAdafactor
 
     g = torch.Generator().manual_seed(0)
     shapes = [(8, 4, 3, 3), (8, 4), (8,)]
@@ -227,7 +230,7 @@ def test_adafactor_option_resumes_exactly(tiny_sd, shards, tmp_path):
 
 
 def test_cpu_conv_auto_picks_native_only_for_small_work():
-    from lcmkit.distill import conv_kernels
+    from lcmkit.distill.recipe import conv_kernels
 
     small_unet, cpu = torch.nn.Conv2d(4, 4, 3), torch.device("cpu")
     before = torch.backends.mkldnn.enabled

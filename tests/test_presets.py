@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from lcmkit.cli import main
-from lcmkit.config import ConfigError, list_presets, load_config, validate
+from lcmkit.app.cli import main
+from lcmkit.distill.config import list_presets, load_config, validate
+from lcmkit.errors import ConfigError
 
 REQUIRED = {"teacher": "some/teacher", "data": "/data/{0..1}.tar", "out": "/tmp/out"}
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lcmkit import train
-from lcmkit.cli import main
-from lcmkit.lock import LOCK_NAME, RunLock
+from lcmkit.app.cli import main
+from lcmkit.train import checkpoint, loop
+from lcmkit.train.lock import LOCK_NAME, RunLock
 
 
 def run(capsys, *args: str) -> tuple[int, str]:
@@ -54,7 +54,7 @@ def checkpoint_is_loadable(path: Path) -> None:
 
 
 def test_a_nonfinite_step_is_skipped_counted_and_logged(capsys, caplog, monkeypatch, tiny_sd, shards, tmp_path):
-    monkeypatch.setenv(train.NAN_HOOK, "2")
+    monkeypatch.setenv(loop.NAN_HOOK, "2")
     out = tmp_path / "run"
     code, err = run(capsys, *distill_args(tiny_sd, shards, out, 3))
     assert code == 0, err
@@ -70,14 +70,14 @@ def test_a_nonfinite_step_is_skipped_counted_and_logged(capsys, caplog, monkeypa
 
 def test_consecutive_nonfinite_steps_stop_with_the_last_good_checkpoint(capsys, monkeypatch, tiny_sd, shards, tmp_path):
     out = tmp_path / "run"
-    monkeypatch.setenv(train.NAN_HOOK, "3,4")
+    monkeypatch.setenv(loop.NAN_HOOK, "3,4")
     code, err = run(capsys, *distill_args(tiny_sd, shards, out, 6, "--max-nonfinite-steps", "2"))
     assert code == 1
     assert_one_error_line(err, "2 consecutive steps", "steps 3-4", "stopped at step 4", "checkpoint-00000002")
     assert latest(out) == "checkpoint-00000002" and not (out / "checkpoints" / "checkpoint-00000004").exists()
     checkpoint_is_loadable(out / "checkpoints" / "checkpoint-00000002")
     assert not (out / "lcmkit_run.json").exists() and not (out / LOCK_NAME).exists(), "lock kept after an error"
-    monkeypatch.delenv(train.NAN_HOOK)
+    monkeypatch.delenv(loop.NAN_HOOK)
     code, err = run(capsys, *distill_args(tiny_sd, shards, out, 6, "--resume", "latest"))
     assert code == 0, err
     assert json.loads((out / "lcmkit_run.json").read_text())["steps"] == 6
@@ -120,7 +120,7 @@ def test_lock_is_exclusive_and_names_its_owner(tmp_path):
     with first:
         owner = json.loads((tmp_path / "out" / LOCK_NAME).read_text())
         assert owner["pid"] == os.getpid() and owner["host"] and owner["started"]
-        from lcmkit.config import ConfigError
+        from lcmkit.errors import ConfigError
 
         with pytest.raises(ConfigError, match=f"pid {os.getpid()}"):
             RunLock(tmp_path / "out").acquire()
@@ -140,7 +140,7 @@ def test_lock_is_exclusive_and_names_its_owner(tmp_path):
 
 @pytest.mark.parametrize("code_, text", [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only")])
 def test_a_failed_checkpoint_write_keeps_the_previous_one(capsys, monkeypatch, tiny_sd, shards, tmp_path, code_, text):
-    real_save, calls = train.save_file, []
+    real_save, calls = checkpoint.save_file, []
 
     def failing_save(tensors, path, *args, **kwargs):
         calls.append(path)
@@ -149,7 +149,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(capsys, monkeypatch, t
             raise OSError(code_, os.strerror(code_), str(path))
         return real_save(tensors, path, *args, **kwargs)
 
-    monkeypatch.setattr(train, "save_file", failing_save)
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
     out = tmp_path / "run"
     code, err = run(capsys, *distill_args(tiny_sd, shards, out, 6))
     assert code == 1
@@ -157,7 +157,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(capsys, monkeypatch, t
     assert latest(out) == "checkpoint-00000002"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-00000002", "latest"]
     checkpoint_is_loadable(out / "checkpoints" / "checkpoint-00000002")
-    monkeypatch.setattr(train, "save_file", real_save)
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
     code, err = run(capsys, *distill_args(tiny_sd, shards, out, 6, "--resume", "latest"))
     assert code == 0, err
 
@@ -227,8 +227,9 @@ def test_pickle_files_are_refused_unless_allowed_then_read_without_code(capsys, 
 
 
 def test_a_pickle_only_teacher_component_is_refused_unless_allowed(capsys, tiny_sd, shards, tmp_path):
-    from lcmkit.config import ConfigError, ModelConfig
-    from lcmkit.models import load_teacher
+    from lcmkit.distill.config import ModelConfig
+    from lcmkit.errors import ConfigError
+    from lcmkit.families.teacher import load_teacher
 
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_sd, teacher)
@@ -269,9 +270,10 @@ def test_malformed_safetensors_are_named(capsys, tiny_sd, tiny_sd_lora, shards, 
 
 
 def test_a_pickle_single_file_teacher_loads_only_when_allowed(tiny_sd, tmp_path):
-    from lcmkit.config import ConfigError, ModelConfig
-    from lcmkit.models import load_teacher
-    from lcmkit.single_file import export_single_file
+    from lcmkit.distill.config import ModelConfig
+    from lcmkit.errors import ConfigError
+    from lcmkit.families.teacher import load_teacher
+    from lcmkit.formats.single_file import export_single_file
 
     single = export_single_file(tiny_sd, tmp_path / "model.safetensors")
     ckpt = tmp_path / "model.ckpt"
@@ -297,7 +299,7 @@ def test_no_code_runs_from_loaded_files_anywhere():
 
 
 def test_bench_soak_summary_measures_growth_after_the_reference_step():
-    from lcmkit.bench import SoakBench, soak_summary
+    from lcmkit.measure.bench import SoakBench, soak_summary
 
     points = [(0, 100.0), (150, 300.0), (200, 400.0), (600, 410.0), (990, 420.0), (1000, 500.0)]
     samples = [{"t": i, "step": s, "rss_mb": r, "peak_mb": r} for i, (s, r) in enumerate(points)]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lcmkit.cli import main
+from lcmkit.app.cli import main
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -33,8 +33,8 @@ def free_port() -> int:
 def server(tiny_sd, tiny_sd_lora):
     import uvicorn
 
-    from lcmkit.sample import FewStepGenerator
-    from lcmkit.serve import create_app
+    from lcmkit.app.serve import create_app
+    from lcmkit.infer.generator import FewStepGenerator
 
     app = create_app(FewStepGenerator(tiny_sd, [(tiny_sd_lora, 1.0)]))
     port = free_port()
@@ -166,7 +166,7 @@ def test_bench_serve_prints_latency_per_step_count(tiny_sd, tiny_sd_lora, tmp_pa
 def test_without_a_model_it_serves_the_shipped_toy_teacher_and_lcm_lora(capsys):
     import argparse
 
-    from lcmkit.cli import _serve_generator
+    from lcmkit.app.cli import _serve_generator
 
     names = ("base", "lora", "lcm", "base_config")
     args = argparse.Namespace(**dict.fromkeys(names), scheduler="lcm", device="cpu", dtype="auto", compile=False,
@@ -181,8 +181,8 @@ def test_a_compiled_generator_is_warmed_up_before_serving(tiny_sd, monkeypatch):
     """With --compile the first (compiling) call happens before the server listens, at the default size."""
     import uvicorn
 
-    from lcmkit.sample import FewStepGenerator
-    from lcmkit.serve import serve
+    from lcmkit.app.serve import serve
+    from lcmkit.infer.generator import FewStepGenerator
 
     generator = FewStepGenerator(base=tiny_sd)
     generator.compiled = True  # the warm-up logic only; compiling itself is tested in test_generate

@@ -10,12 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lcmkit.single_file import (
-    LCM_COND_PROJ_KEY,
-    export_single_file,
-    import_single_file,
-    unet_to_original,
-)
+from lcmkit.formats.single_file import LCM_COND_PROJ_KEY, export_single_file, import_single_file, unet_to_original
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -114,8 +109,8 @@ def test_sdxl_round_trip_is_exact(tiny_sdxl, exported):
 
 @pytest.mark.parametrize("which, family", [("tiny_sd", "sd"), ("tiny_sdxl", "sdxl")])
 def test_load_teacher_reads_the_export(request, exported, which, family):
-    from lcmkit.config import ModelConfig
-    from lcmkit.models import detect_family, load_teacher, pipeline_class
+    from lcmkit.distill.config import ModelConfig
+    from lcmkit.families.teacher import detect_family, load_teacher, pipeline_class
 
     folder = request.getfixturevalue(which)
     path = exported(folder)
@@ -132,8 +127,9 @@ def test_load_teacher_reads_the_export(request, exported, which, family):
 def test_full_lcm_keeps_cond_proj_and_casts_to_fp16(tiny_sd, tmp_path):
     from diffusers import LatentConsistencyModelPipeline
 
-    from lcmkit.config import ModelConfig
-    from lcmkit.models import load_teacher, make_full_student, save_full_lcm
+    from lcmkit.distill.config import ModelConfig
+    from lcmkit.families.teacher import load_teacher
+    from lcmkit.families.unet import make_full_student, save_full_lcm
 
     teacher = load_teacher(ModelConfig(teacher=tiny_sd))
     student = make_full_student(teacher.unet, 16)
@@ -167,7 +163,7 @@ def test_unknown_unet_weights_are_refused():
 
 
 def test_single_file_teacher_distills_through_the_cli(tiny_sd, shards, tmp_path):
-    from lcmkit.cli import main
+    from lcmkit.app.cli import main
 
     ckpt = export_single_file(tiny_sd, str(tmp_path / "teacher.safetensors"), dtype=None)
     out = tmp_path / "out"

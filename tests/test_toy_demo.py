@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lcmkit.cli import main
+from lcmkit.app.cli import main
 from lcmkit.toy.demo import lora_pipeline
 from lcmkit.toy.teacher import TeacherRecipe, build_text_encoder, build_unet, save_pipeline, teacher_tokenizer
 from lcmkit.toy.vae import build_toy_vae

@@ -42,7 +42,7 @@ def test_generate_with_the_toy_aliases_under_both_samplers(tmp_path):
     from the same seeds, with different pixels than LCMScheduler."""
     from PIL import Image
 
-    from lcmkit.cli import main
+    from lcmkit.app.cli import main
 
     prompt = PROMPTS[0]
     drawn = {}

@@ -49,7 +49,7 @@ def test_teacher_recipe_trains_resumes_and_saves_a_pipeline(tmp_path):
 def test_ship_teacher_copies_measures_and_documents(tmp_path):
     import pytest
 
-    from lcmkit.config import ConfigError
+    from lcmkit.errors import ConfigError
     from lcmkit.toy.ship import ship_teacher
 
     torch.manual_seed(0)

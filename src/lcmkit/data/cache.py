@@ -24,8 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import ConfigError
-from .sources import Skip, Source
+from lcmkit.data.base import Skip, Source
+from lcmkit.errors import ConfigError
 
 CACHE_FORMAT = "lcmkit-cache"
 CACHE_VERSION = 1
@@ -157,7 +157,7 @@ def build_cache(
     """Encode every usable sample of `source` once, in a fixed order, into `out`. Returns the index."""
     from tqdm.auto import tqdm
 
-    from .stream import SampleStream, SkipTally, make_dataloader
+    from lcmkit.data.stream import SampleStream, SkipTally, make_dataloader
 
     settings = cache_settings(teacher, transform, dtype, shard_size, data)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +177,7 @@ def build_cache(
             p.unlink(missing_ok=True)
         done = {"settings": settings, "shards": [], "skipped": {}}
 
-    from ..models import PRECISIONS
+    from lcmkit.runtime import PRECISIONS
 
     store = PRECISIONS[dtype]
     teacher.vae.to(device)

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
-from .sources import Skip
+from lcmkit.data.base import Skip
+from lcmkit.errors import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_FIELDS = ("text", "caption", "prompt")

@@ -9,34 +9,20 @@ A raw sample is a dict with `where` (for messages and seeding), `caption` (str o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
 
-from ..config import ConfigError
-
-Skip = Callable[[str, str], None]
-"""skip(reason, where): count and report a sample or unit that could not be read."""
-
-SPEC_FORMS = "wds:SHARDS, folder:PATH, hf:PATH (save_to_disk folder or .parquet files) or cache:PATH"
-
-
-class Source(Protocol):
-    description: str
-
-    def units(self) -> list[str]: ...
-
-    def read(self, unit: str, skip: Skip) -> Iterator[dict[str, Any]]: ...
+from lcmkit.data.base import SPEC_FORMS, Source
+from lcmkit.errors import ConfigError
 
 
 def resolve_data(spec: str, image_column: str = "", caption_column: str = "") -> Source:
     """A `--data` spec -> a Source. Prefixes pick the kind; without one, a folder is recognised by what it holds
     (cache.json: cache, state.json/dataset_info.json or *.parquet: hf, images: folder) and anything else is
     read as WebDataset shards."""
-    from .cache import CacheSource, is_cache
-    from .folder import FolderSource
-    from .table import TableSource, is_table
-    from .webdataset import WdsSource
+    from lcmkit.data.cache import CacheSource, is_cache
+    from lcmkit.data.folder import FolderSource
+    from lcmkit.data.table import TableSource, is_table
+    from lcmkit.data.webdataset import WdsSource
 
     spec = spec.strip()
     if not spec:

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .sources import Source
-from .transforms import MAX_PIXELS, ImageTooLarge, ImageTransform, open_image
+from lcmkit.data.base import Source
+from lcmkit.data.transforms import MAX_PIXELS, ImageTooLarge, ImageTransform, open_image
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
-from .sources import Skip
+from lcmkit.data.base import Skip
+from lcmkit.errors import ConfigError
 
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "webp", "image_bytes")
 CAPTION_COLUMNS = ("text", "caption", "prompt", "txt", "captions")

@@ -11,8 +11,8 @@ from typing import Any
 import braceexpand
 from webdataset.tariterators import tarfile_samples
 
-from ..config import ConfigError
-from .sources import Skip
+from lcmkit.data.base import Skip
+from lcmkit.errors import ConfigError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_KEYS = ("txt", "caption", "text")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from .world import ATTRIBUTES, BACKGROUNDS, COLOURS, IMAGE_SIZE, POSITIONS, SIZES, Scene, parse_caption
+from lcmkit.toy.world import ATTRIBUTES, BACKGROUNDS, COLOURS, IMAGE_SIZE, POSITIONS, SIZES, Scene, parse_caption
 
 _BACKGROUND_RGB = np.array(list(BACKGROUNDS.values()), dtype=np.float64)
 _COLOUR_RGB = np.array(list(COLOURS.values()), dtype=np.float64)

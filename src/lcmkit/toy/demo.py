@@ -19,12 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import ConfigError, DistillConfig
-from ..distill import distill
-from ..eval import Column, sample_columns, write_report
-from ..models import dtype_kwarg
-from ..sample import image_grid, initial_noise
-from .world import IMAGE_SIZE, make_splits, sample_scenes
+from lcmkit.distill.config import DistillConfig
+from lcmkit.distill.recipe import distill
+from lcmkit.errors import ConfigError
+from lcmkit.infer.images import image_grid
+from lcmkit.infer.pipelines import initial_noise
+from lcmkit.measure.eval import Column, sample_columns, write_report
+from lcmkit.runtime import dtype_kwarg
+from lcmkit.toy.world import IMAGE_SIZE, make_splits, sample_scenes
 
 TEACHER_DIR = Path(__file__).parent / "assets" / "teacher"
 LORA_DIR = Path(__file__).parent / "assets" / "lcm_lora"
@@ -63,7 +65,7 @@ class DemoSettings:
     progress: bool = True
 
     def check(self) -> None:
-        from ..sample import check_tcd_gamma
+        from lcmkit.infer.schedulers import check_tcd_gamma
 
         check_tcd_gamma(self.tcd_gamma)
         if not 1 <= self.num_ddim_timesteps <= 1000:
@@ -132,7 +134,7 @@ def lora_pipeline(teacher: str, lora_dir: str | Path) -> Any:
     """The teacher with an LCM-LoRA fused in, on LCMScheduler over the DDIM grid the LoRA was distilled on."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    from ..sample import lcm_lora_ddim_timesteps
+    from lcmkit.infer.loras import lcm_lora_ddim_timesteps
 
     lcm = StableDiffusionPipeline.from_pretrained(teacher, **dtype_kwarg(torch.float32))
     n = lcm_lora_ddim_timesteps([(str(lora_dir), 1.0)])
@@ -164,7 +166,7 @@ def shipped_lora_steps(lora_dir: Path) -> int | None:
 
 
 def columns_for(settings: DemoSettings, base: Any, lcm: Any, shipped: Any = None) -> list[Column]:
-    from ..sample import teacher_scheduler, with_sampler
+    from lcmkit.infer.schedulers import teacher_scheduler, with_sampler
 
     teacher = base
     teacher.scheduler = teacher_scheduler(base.scheduler.config, "dpm++")
@@ -194,12 +196,12 @@ def toy_prompts(n: int, seed: int) -> list[str]:
 
 def toy_scores(images: list[Image.Image], prompts: list[str], reference: Any = None) -> dict[str, float]:
     """Prompt accuracy (pixel checker) and probe-FD against 2,000 held-out real renders (shipped probe)."""
-    from .checker import prompt_accuracy
+    from lcmkit.toy.checker import prompt_accuracy
 
     arrays = [np.asarray(im) for im in images]
     scores = {"prompt_accuracy": prompt_accuracy(arrays, prompts)}
     try:
-        from .probe import load_probe, probe_fd
+        from lcmkit.toy.probe import load_probe, probe_fd
 
         scores["probe_fd"] = probe_fd(arrays, None, probe=load_probe())
     except (ImportError, FileNotFoundError):

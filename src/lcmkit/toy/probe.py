@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..eval import feature_stats, frechet_distance
-from .world import (
+from lcmkit.measure.eval import feature_stats, frechet_distance
+from lcmkit.toy.world import (
     ATTRIBUTES,
     BACKGROUNDS,
     COLOURS,

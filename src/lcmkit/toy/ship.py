@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
-from .probe import REFERENCE_N
+from lcmkit.errors import ConfigError
+from lcmkit.toy.probe import REFERENCE_N
 
 SHIPPED_TEACHER = Path(__file__).parent / "assets" / "teacher"
 MAX_GAP_S = 900.0
@@ -47,7 +47,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def count_parameters(folder: Path) -> dict[str, int]:
-    from ..info import safetensors_header
+    from lcmkit.formats.info import safetensors_header
 
     return {
         part: sum(math.prod(shape) for file in (folder / part).glob("*.safetensors")
@@ -73,8 +73,8 @@ def folder_mb(folder: Path) -> float:
 def ship_teacher(run: Path, out: Path = SHIPPED_TEACHER, n_eval: int = 300, overwrite: bool = False,
                  progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Copy run/teacher to `out`, evaluate it there and write its card. Returns the card's numbers."""
-    from ..eval import EvalSettings, run_eval
-    from .demo import toy_prompts, toy_scores
+    from lcmkit.measure.eval import EvalSettings, run_eval
+    from lcmkit.toy.demo import toy_prompts, toy_scores
 
     teacher = run / "teacher"
     if not (teacher / "model_index.json").is_file():
@@ -114,7 +114,7 @@ def _hours(seconds: float) -> str:
 
 def teacher_card(facts: dict[str, Any], table: str) -> str:
     recipe, timing, params = facts["recipe"], facts["training"], facts["parameters"]
-    from ..bench import cpu_model
+    from lcmkit.measure.system import cpu_model
 
     cpus = sorted({m["cpu"] for m in facts.get("sessions", []) if m.get("cpu")}) or [cpu_model()]
     cpu = " / ".join(cpus)

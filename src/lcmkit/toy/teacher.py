@@ -26,11 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..bench import cpu_model
-from ..models import dtype_kwarg
-from ..train import GeneratorState, Trainer, TrainerSettings, accelerator_session
-from .tokenizer import load_toy_tokenizer
-from .world import render_array, sample_scenes, sample_seed
+from lcmkit.measure.system import cpu_model
+from lcmkit.runtime import dtype_kwarg
+from lcmkit.toy.tokenizer import load_toy_tokenizer
+from lcmkit.toy.world import render_array, sample_scenes, sample_seed
+from lcmkit.train.checkpoint import GeneratorState
+from lcmkit.train.loop import Trainer, TrainerSettings
+from lcmkit.train.session import accelerator_session
 
 SD_SCHEDULE = dict(
     num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -177,7 +179,7 @@ def prompt_accuracy_of(pipeline_dir: Path | Any, n: int, steps: int = 50, guidan
     """Teacher quality: DDIM at `steps` with guidance, scored by the pixel checker."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from .checker import attribute_accuracy, prompt_accuracy
+    from lcmkit.toy.checker import attribute_accuracy, prompt_accuracy
 
     pipe = pipeline_dir
     if not hasattr(pipe, "unet"):

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
-from .checker import check
-from .world import ATTRIBUTES, IMAGE_SIZE, render_array, sample_scenes, sample_seed
+from lcmkit.toy.checker import check
+from lcmkit.toy.world import ATTRIBUTES, IMAGE_SIZE, render_array, sample_scenes, sample_seed
 
 # 2 down blocks -> downsampling 2: 32 px images, 16x16x4 latents.
 TOY_VAE_CONFIG: dict[str, Any] = {

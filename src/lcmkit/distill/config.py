@@ -2,8 +2,7 @@
 
 Precedence: dataclass defaults < TOML file < command-line flags. Every field of every section is
 also a flag: `--w-min 3`, `--lora-rank 8`, `--validation-prompts "a" "b"`. A TOML file may use the
-sections below ([lcd], [lora], ...) or put keys at top level.
-"""
+sections below ([lcd], [lora], ...) or put keys at top level."""
 
 from __future__ import annotations
 
@@ -18,10 +17,7 @@ from typing import Any
 
 import tomllib
 
-
-class ConfigError(ValueError):
-    """A user mistake: printed as one line, exit code 2."""
-
+from lcmkit.errors import ConfigError
 
 DEFAULT_LORA_TARGETS = [
     # attention, feed-forward, resnet convs and time embedding projection (LCM-LoRA paper setup)

@@ -284,7 +284,7 @@ def _load_components(folder: Path) -> dict[str, Any]:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ValueError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    from .safe_load import check_weights_folder
+    from lcmkit.formats.safe_load import check_weights_folder
 
     check_weights_folder(folder, "pipeline")
     index = json.loads(index_file.read_text())
@@ -409,7 +409,7 @@ def import_single_file(
         encoder_2 = _sdxl_encoder_2_if_ambiguous(path, config, keys, enc1_width, dtype)
         if encoder_2 is not None:
             kwargs["text_encoder_2"] = encoder_2
-    from .models import dtype_kwarg
+    from lcmkit.runtime import dtype_kwarg
 
     return cls.from_single_file(path, config=config, **dtype_kwarg(dtype), **kwargs)
 

@@ -5,16 +5,13 @@ belongs to that configuration alone), side by side in one run.
 generate: latency per image and images/s of the distilled model at N steps against the teacher's sampler at
 M steps with guidance, end to end and UNet-only; CUDA events and GPU memory on CUDA, wall time and peak RSS
 on CPU; warm-up runs excluded, median of repeats.
-soak: a long LCM-LoRA distillation with its resident memory sampled along the way (a leak shows as growth).
-"""
+soak: a long LCM-LoRA distillation with its resident memory sampled along the way (a leak shows as growth)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -24,35 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from lcmkit.errors import ConfigError
+from lcmkit.measure.system import machine, markdown
 
 log = logging.getLogger(__name__)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> dict[str, Any]:
-    """Platform, CPU and GPU, and the versions of the libraries that decide the numbers."""
-    import torch
-
-    from .distill import versions
-
-    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                            "cpu": cpu_model(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                            **versions()}  # fmt: skip
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def _run_lcmkit(args: list[str], what: str) -> None:
@@ -80,7 +52,7 @@ def bench_distill(
         raise ConfigError("bench distill: --data is needed with --teacher")
     with tempfile.TemporaryDirectory(prefix="lcmkit-bench-arch-") as arch_dir:
         if arch is not None:
-            from .archs import build_sd15, synthetic_images
+            from lcmkit.measure.archs import build_sd15, synthetic_images
 
             log.info("bench: building the %s architecture with random weights in %s", arch, arch_dir)
             teacher = str(build_sd15(Path(arch_dir) / arch))
@@ -129,13 +101,6 @@ def _bench_distill_runs(
     return rows
 
 
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    """A markdown table from a header and rows of already formatted cells."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     header = ["mode", "data", "compiled", "batch", "resolution", "median s/step", "samples/s", "peak RSS MB"]
     cells = [[r["mode"], r.get("data", "raw"), "yes" if r.get("compiled") else "no", str(r["batch_size"]),
@@ -154,9 +119,6 @@ def table(rows: list[dict[str, Any]]) -> str:
             text += f"\nwhere a step goes: {run} ({p['ms_per_step']:.1f} ms/step over "
             text += f"{p['steps']} profiled steps)\n" + markdown(["phase", "ms/step", "share"], phases)
     return text
-
-
-# -- generation latency ------------------------------------------------------------------------------------
 
 
 def mark(cuda: bool) -> Any:
@@ -201,7 +163,7 @@ def peak_memory_mb(cuda: bool) -> float:
         line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
         return int(line.split()[1]) / 1024.0
     except (OSError, StopIteration):
-        from .distill import peak_rss_mb
+        from lcmkit.measure.system import peak_rss_mb
 
         return peak_rss_mb()
 
@@ -311,9 +273,12 @@ def bench_generate(cfg: GenerateBench) -> dict[str, Any]:
 
     import torch
 
-    from .config import ModelConfig
-    from .models import load_teacher
-    from .sample import default_size, distilled_pipeline, pick_device, pick_dtype, teacher_pipeline, teacher_scheduler
+    from lcmkit.distill.config import ModelConfig
+    from lcmkit.families.teacher import load_teacher
+    from lcmkit.infer.generator import distilled_pipeline
+    from lcmkit.infer.pipelines import default_size, teacher_pipeline
+    from lcmkit.infer.schedulers import teacher_scheduler
+    from lcmkit.runtime import pick_device, pick_dtype
 
     cfg.check()
     device = pick_device(cfg.device)
@@ -330,8 +295,8 @@ def bench_generate(cfg: GenerateBench) -> dict[str, Any]:
         del lcm
         gc.collect()
         if ours is not None:
-            from .eval import psnr, to_unit_tensor
-            from .sample import plain_diffusers_pipeline
+            from lcmkit.infer.generator import plain_diffusers_pipeline
+            from lcmkit.measure.eval import psnr, to_unit_tensor
 
             plain = plain_diffusers_pipeline(cfg.teacher, cfg.lora, cfg.lcm, device, dtype)
             plain_row = bench_pipeline(plain, cfg.steps, w, cfg.batch, size, cfg.repeats, cfg.warmup, cfg.prompt)
@@ -366,9 +331,6 @@ def generate_table(rows: list[dict[str, Any]]) -> str:
               str(r["unet_calls"]), f"{r['speedup_vs_teacher']:.1f}x", f"{r['peak_memory_mb']:.0f}"]
              for r in rows]  # fmt: skip
     return markdown(header, cells)
-
-
-# -- soak: memory over a long run -----------------------------------------------------------------------
 
 
 def process_rss_mb(pid: int) -> tuple[float, float]:

@@ -4,8 +4,7 @@ Unpickling runs arbitrary code, so a pickle-based file (.ckpt, .pt, .pth, .bin, 
 passes --allow-pickle; even then it is read with `torch.load(weights_only=True)` (tensors and plain containers
 only) and converted to a temporary .safetensors file that the rest of lcmkit reads as usual. A safetensors file
 whose header is malformed (truncated, garbage bytes) is refused with one line naming the file, before any
-library half-loads it.
-"""
+library half-loads it."""
 
 from __future__ import annotations
 
@@ -16,16 +15,12 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from lcmkit.errors import ConfigError, first_line
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-_converted_dir: Path | None = None
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def is_pickle(path: str | Path) -> bool:
@@ -65,6 +60,9 @@ def load_pickle_weights(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise ConfigError(f"{what} {path} holds a {type(obj).__name__}, not a dict of weights")
     return {k: v.contiguous() for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+_converted_dir: Path | None = None
 
 
 def _scratch() -> Path:
@@ -109,3 +107,16 @@ def check_weights_folder(folder: str | Path, what: str, allow_pickle: bool = Fal
         pickled = [p for p in files if is_pickle(p)]
         if pickled and not safe and not allow_pickle:
             raise refuse_pickle(pickled[0], what)
+
+
+def lora_file(path: str | Path, allow_pickle: bool = False) -> Path:
+    """The checked .safetensors file of a LoRA file or folder (a pickle one, when allowed, converted)."""
+    from lcmkit.errors import ConfigError
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "pytorch_lora_weights.safetensors"
+    if not p.is_file():
+        raise ConfigError(f"LoRA {path} does not exist (give a .safetensors file or a folder holding "
+                          "pytorch_lora_weights.safetensors)")  # fmt: skip
+    return weights_file(p, "LoRA", allow_pickle)

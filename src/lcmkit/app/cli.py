@@ -10,9 +10,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .archs import ARCHS
-from .card import PushError
-from .config import ConfigError, add_flags, load_config, validate
+from lcmkit.distill.config import add_flags, load_config, validate
+from lcmkit.errors import ConfigError
+from lcmkit.measure.archs import ARCHS
+from lcmkit.outputs.hub import PushError
 
 EXIT_USAGE = 2
 EXIT_FAULT = 1
@@ -20,7 +21,7 @@ ALLOW_PICKLE_HELP = "read pickle-based weights (.ckpt, .pt, .bin) you trust, wit
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from .distill import distill
+    from lcmkit.distill.recipe import distill
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "verbose")}
     cfg = load_config(args.config, overrides)
@@ -37,10 +38,10 @@ def _distill(args: argparse.Namespace) -> int:
 def _cache(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .data import ImageTransform, resolve_data
-    from .data.cache import build_cache
-    from .models import load_teacher
-    from .sample import pick_device
+    from lcmkit.data import ImageTransform, resolve_data
+    from lcmkit.data.cache import build_cache
+    from lcmkit.families.teacher import load_teacher
+    from lcmkit.runtime import pick_device
 
     own = ("config", "command", "func", "verbose", "out", "batch_size", "shard_size", "dtype", "device", "overwrite",
            "no_progress")  # fmt: skip
@@ -63,7 +64,7 @@ def _cache(args: argparse.Namespace) -> int:
         teacher, source, transform, out, d.data, args.batch_size, args.shard_size, args.dtype, args.overwrite,
         progress=not args.no_progress, device=pick_device(args.device),
     )  # fmt: skip
-    from .data import summarize_skips
+    from lcmkit.data import summarize_skips
 
     print(f"lcmkit: cached {index['num_samples']} samples in {len(index['shards'])} shard(s) "
           f"({summarize_skips(index['skipped'])}) in {index['seconds']:.0f} s -> {out}; "
@@ -75,11 +76,11 @@ def _serve_generator(args: argparse.Namespace) -> Any:
     """The FewStepGenerator of serve / bench serve; no model: the shipped toy teacher and its LCM-LoRA."""
     from pathlib import Path
 
-    from .sample import FewStepGenerator
+    from lcmkit.infer.generator import FewStepGenerator
 
     base, loras = base_and_loras(args.base, args.lora)
     if not base and not args.lcm:
-        assets = Path(__file__).parent / "toy" / "assets"
+        assets = Path(__file__).parent.parent / "toy" / "assets"
         if not (assets / "teacher" / "model_index.json").is_file() or not (assets / "lcm_lora").is_dir():
             raise ConfigError("no model given and the shipped toy teacher/LCM-LoRA are not in this build: "
                               "pass --base MODEL --lora LCM_LORA or --lcm FULL_LCM")  # fmt: skip
@@ -89,7 +90,7 @@ def _serve_generator(args: argparse.Namespace) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .serve import serve
+    from lcmkit.app.serve import serve
 
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: must be in 1..65535")
@@ -101,8 +102,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _bench_serve(args: argparse.Namespace) -> int:
 
-    from .bench import machine, markdown
-    from .serve import bench_latency
+    from lcmkit.app.serve import bench_latency
+    from lcmkit.measure.system import machine, markdown
 
     if args.repeats < 1 or any(s < 1 or s > 8 for s in args.steps):
         raise ConfigError(f"--steps {args.steps} / --repeats {args.repeats}: steps in 1..8, repeats >= 1")
@@ -115,7 +116,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from .config import list_presets, preset_file
+    from lcmkit.distill.config import list_presets, preset_file
 
     if args.name:
         print(preset_file(args.name).read_text(), end="")
@@ -131,7 +132,7 @@ def _presets(args: argparse.Namespace) -> int:
 def _push(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .card import push
+    from lcmkit.outputs.hub import push
 
     url = push(Path(args.out), args.repo_id, args.private)
     print(f"lcmkit: pushed {args.out} -> {url}")
@@ -143,10 +144,10 @@ def _toy_train_teacher(args: argparse.Namespace) -> int:
     from dataclasses import fields
     from pathlib import Path
 
-    from .toy.teacher import TeacherRecipe, train_teacher
+    from lcmkit.toy.teacher import TeacherRecipe, train_teacher
 
     if args.vae is None:
-        args.vae = str(Path(__file__).parent / "toy" / "assets" / "vae")
+        args.vae = str(Path(__file__).parent.parent / "toy" / "assets" / "vae")
     if not (Path(args.vae) / "config.json").is_file():
         raise ConfigError(f"--vae {args.vae}: not a trained toy VAE folder (no config.json); train one with "
                           "python -m lcmkit.toy.vae --out DIR --steps N")  # fmt: skip
@@ -159,7 +160,7 @@ def _toy_train_teacher(args: argparse.Namespace) -> int:
 def _toy_ship_teacher(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .toy.ship import SHIPPED_TEACHER, ship_teacher
+    from lcmkit.toy.ship import SHIPPED_TEACHER, ship_teacher
 
     out = Path(args.out) if args.out else SHIPPED_TEACHER
     facts = ship_teacher(Path(args.run), out, args.eval_images, args.overwrite, progress=not args.no_progress)
@@ -169,7 +170,7 @@ def _toy_ship_teacher(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .toy.demo import DemoSettings, run_demo
+    from lcmkit.toy.demo import DemoSettings, run_demo
 
     names = ("out", "mode", "teacher", "steps", "learning_rate", "num_ddim_timesteps", "seed", "shipped_lora",
              "tcd_gamma")  # fmt: skip
@@ -193,7 +194,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     from PIL import Image
 
-    from .sample import FewStepGenerator, save_images
+    from lcmkit.infer.generator import FewStepGenerator
+    from lcmkit.infer.images import save_images
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -236,22 +238,23 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from . import export
+    from lcmkit.formats.kohya import export_kohya
+    from lcmkit.outputs.export import fuse_lora, import_kohya
 
     if args.format == "kohya":
-        path = export.export_kohya(args.input, args.out, args.allow_pickle)
+        path = export_kohya(args.input, args.out, args.allow_pickle)
     elif args.format == "diffusers":
         if not args.base:
             raise ConfigError("export diffusers needs --base (the model the kohya LoRA was made for)")
-        path = export.import_kohya(args.input, args.out, args.base, args.base_config, args.allow_pickle)
+        path = import_kohya(args.input, args.out, args.base, args.base_config, args.allow_pickle)
     elif args.format == "fused":
         if not args.base:
             raise ConfigError("export fused needs --base (the model the LoRA was made for)")
-        path = export.fuse_lora(args.base, args.input, args.out, args.base_config, allow_pickle=args.allow_pickle)
+        path = fuse_lora(args.base, args.input, args.out, args.base_config, allow_pickle=args.allow_pickle)
     else:
         import torch
 
-        from .single_file import export_single_file
+        from lcmkit.formats.single_file import export_single_file
 
         dtype = None if args.dtype == "keep" else {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
         path = export_single_file(args.input, args.out, dtype=dtype)
@@ -262,7 +265,7 @@ def _export(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     import json
 
-    from .info import describe
+    from lcmkit.formats.info import describe
 
     info = {k: v for k, v in describe(args.path).items() if v is not None}
     if args.json:
@@ -276,7 +279,8 @@ def _info(args: argparse.Namespace) -> int:
 
 def _bench_distill(args: argparse.Namespace) -> int:
 
-    from .bench import bench_distill, machine, table
+    from lcmkit.measure.bench import bench_distill, table
+    from lcmkit.measure.system import machine
 
     rows = bench_distill(args.teacher, args.data, args.modes, args.steps, args.batch_size, args.resolution,
                          args.lora_rank, shlex.split(args.distill_args), teacher_config=args.teacher_config,
@@ -289,7 +293,7 @@ def _bench_distill(args: argparse.Namespace) -> int:
 def _bench_soak(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from .bench import SoakBench, bench_soak
+    from lcmkit.measure.bench import SoakBench, bench_soak
 
     given = {f.name: getattr(args, f.name) for f in fields(SoakBench) if getattr(args, f.name, None) is not None}
     cfg = SoakBench(**given)
@@ -314,21 +318,21 @@ def split_list(text: str) -> tuple[str, ...]:
 
 def toy_aliases(teacher: str | None, lora: str | None) -> tuple[str | None, str | None]:
     """--teacher toy / --lora toy: the shipped toy teacher and LCM-LoRA (checked)."""
-    from .toy.demo import toy_lora, toy_teacher
+    from lcmkit.toy.demo import toy_lora, toy_teacher
 
     return (toy_teacher() if teacher == "toy" else teacher), (toy_lora() if lora == "toy" else lora)
 
 
 def base_and_loras(base: str | None, specs: list[str] | None) -> tuple[str | None, list[tuple[str, float]]]:
     """--base and repeated --lora PATH[:WEIGHT] of generate / serve, 'toy' naming the shipped ones."""
-    from .sample import parse_lora_spec
+    from lcmkit.infer.loras import parse_lora_spec
 
     loras = [parse_lora_spec(s) for s in specs or []]
     return toy_aliases(base, None)[0], [(str(toy_aliases(None, path)[1]), weight) for path, weight in loras]
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .eval import EvalSettings, cycle, optional_scorers, parse_steps, read_prompts, run_eval
+    from lcmkit.measure.eval import EvalSettings, cycle, optional_scorers, parse_steps, read_prompts, run_eval
 
     n = 2 if args.quick and args.num_images is None else args.num_images
     if n is not None and n < 1:
@@ -337,7 +341,7 @@ def _eval(args: argparse.Namespace) -> int:
     teacher, lora = toy_aliases(args.teacher, args.lora)
     toy_scorers = []
     if args.prompts == "toy":  # toy captions, scored by the toy checker and probe
-        from .toy.demo import toy_prompts, toy_scores
+        from lcmkit.toy.demo import toy_prompts, toy_scores
 
         prompts, toy_scorers = toy_prompts(64 if n is None else n, args.seed), [toy_scores]
     else:
@@ -360,7 +364,7 @@ def _eval(args: argparse.Namespace) -> int:
         import json
         from pathlib import Path
 
-        from .toy.demo import quality_bar
+        from lcmkit.toy.demo import quality_bar
 
         rows = json.loads((Path(result["out"]) / "eval.json").read_text())["columns"]
         lines = quality_bar(rows)
@@ -380,7 +384,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _bench_generate(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from .bench import GenerateBench, bench_generate, generate_table
+    from lcmkit.measure.bench import GenerateBench, bench_generate, generate_table
 
     given = {f.name: getattr(args, f.name) for f in fields(GenerateBench) if getattr(args, f.name, None) is not None}
     given["teacher"], lora = toy_aliases(given["teacher"], given.get("lora"))
@@ -703,8 +707,9 @@ def main(argv: list[str] | None = None) -> int:
         print("lcmkit: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # faults raised inside the run: one line each (-v shows the traceback)
-        from .data import DataError
-        from .train import PeerFailed, TrainingError, os_error_text
+        from lcmkit.data import DataError
+        from lcmkit.errors import os_error_text
+        from lcmkit.train.session import PeerFailed, TrainingError
 
         if isinstance(e, PeerFailed):  # the process that failed has said why
             return EXIT_FAULT

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .config import ConfigError
-from .sample import LCM_SAMPLERS, check_tcd_gamma, with_sampler
+from lcmkit.errors import ConfigError
+from lcmkit.infer.schedulers import LCM_SAMPLERS, check_tcd_gamma, with_sampler
 
 # -- metrics ----------------------------------------------------------------------------------------------
 
@@ -174,7 +174,7 @@ def clip_scorer(folder: str, device: str = "auto") -> Scorer:
     """CLIP score from a local transformers CLIP folder (CLIPModel + processor, .safetensors weights)."""
     from transformers import AutoProcessor, CLIPModel
 
-    from .sample import pick_device
+    from lcmkit.runtime import pick_device
 
     device = pick_device(device)
     if not (Path(folder) / "config.json").is_file():
@@ -206,8 +206,8 @@ def inception_features(path: str, device: str = "auto") -> Callable[[list[Image.
         raise ConfigError("--inception needs torchvision (pip install torchvision)") from None
     from safetensors.torch import load_file
 
-    from .safe_load import check_safetensors
-    from .sample import pick_device
+    from lcmkit.formats.safe_load import check_safetensors
+    from lcmkit.runtime import pick_device
 
     check_safetensors(path, "--inception")
     device = pick_device(device)
@@ -315,7 +315,7 @@ def sample_columns(
     """Fill each column's images and seconds per image (after one untimed warm-up call per pipeline)."""
     from tqdm.auto import tqdm
 
-    from .sample import run_batched
+    from lcmkit.infer.pipelines import run_batched
 
     warm: set[int] = set()
     for col in tqdm(columns, desc="sampling", disable=not progress):
@@ -366,7 +366,7 @@ def _cell(metric: str, value: float) -> str:
 
 
 def markdown_table(columns: list[Column]) -> str:
-    from .bench import markdown
+    from lcmkit.measure.system import markdown
 
     metrics = common_metrics(columns)
     header = ["sampler", "steps", "guidance", *(METRICS[m][0] for m in metrics), "s/image"]
@@ -487,9 +487,12 @@ TEACHER_SAMPLERS = {"ddim": "teacher DDIM", "dpm++": "teacher DPM++"}
 def build_columns(settings: EvalSettings) -> list[Column]:
     """The distilled model at each step count, then the teacher's DDIM and DPM-Solver++ with guidance at the
     same counts plus the reference counts. Loads every model once."""
-    from .config import ModelConfig
-    from .models import load_teacher
-    from .sample import distilled_pipeline, pick_device, pick_dtype, teacher_pipeline, teacher_scheduler
+    from lcmkit.distill.config import ModelConfig
+    from lcmkit.families.teacher import load_teacher
+    from lcmkit.infer.generator import distilled_pipeline
+    from lcmkit.infer.pipelines import teacher_pipeline
+    from lcmkit.infer.schedulers import teacher_scheduler
+    from lcmkit.runtime import pick_device, pick_dtype
 
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
@@ -516,8 +519,9 @@ def build_columns(settings: EvalSettings) -> list[Column]:
 
 def run_eval(settings: EvalSettings, scorers: list[Scorer] | None = None) -> dict[str, Any]:
     """Sample every column, score it against the reference, write eval.json/md, quality.png and grid.png."""
-    from .bench import machine
-    from .sample import default_size, image_grid, initial_noise
+    from lcmkit.infer.images import image_grid
+    from lcmkit.infer.pipelines import default_size, initial_noise
+    from lcmkit.measure.system import machine
 
     settings.check()
     out = Path(settings.out)

@@ -1,172 +1,24 @@
-"""Load a teacher (diffusers folder, hub id or single file) and build the student, teacher and target.
+"""The UNet families' denoiser call and students: full LCD vs LCM-LoRA is decided here and nowhere else.
 
-Full LCD vs LCM-LoRA is decided here and nowhere else: `build_lcd_models` returns three callables
-with the same signature, and the loss never learns which mode it trains.
-"""
+`build_lcd_models` returns three callables with the same signature, and the loss never learns which mode it trains."""
 
 from __future__ import annotations
 
 import copy
-import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .conditioning import Conditioning, TextConditioner
-from .config import ConfigError, LCDConfig, LoraConfig, ModelConfig
-from .lcd import NoiseSchedule, guidance_scale_embedding
-from .safe_load import check_weights_folder, is_pickle, refuse_pickle, weights_file
-from .safe_load import first_line as _first_line
-
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-"""The precision names of every --dtype-like option."""
-
-
-def pipeline_class(family: str) -> type:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-
-
-@dataclass
-class Teacher:
-    """The teacher's components, frozen, and where they came from."""
-
-    family: str
-    unet: nn.Module
-    vae: nn.Module
-    text_encoders: list[nn.Module]
-    tokenizers: list[Any]
-    scheduler: Any
-    source: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def prediction_type(self) -> str:
-        return self.scheduler.config.get("prediction_type", "epsilon")
-
-    def noise_schedule(self) -> NoiseSchedule:
-        from diffusers import DDPMScheduler
-
-        ddpm = DDPMScheduler.from_config(self.scheduler.config)
-        return NoiseSchedule(ddpm.alphas_cumprod.float())
-
-    def conditioner(self) -> TextConditioner:
-        return TextConditioner(self.family, self.tokenizers, self.text_encoders)
-
-    def default_uncond(self) -> str:
-        """The unconditional embedding the teacher's pipeline uses for an empty negative prompt."""
-        return "zeros" if self.extra.get("force_zeros_for_empty_prompt") else "empty"
-
-    @property
-    def vae_scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
-
-
-def dtype_kwarg(dtype: Any) -> dict[str, Any]:
-    """diffusers' loading dtype keyword: `dtype` from 0.40 (where `torch_dtype` warns), `torch_dtype` before."""
-    import diffusers
-    from packaging.version import Version
-
-    return {"dtype": dtype} if Version(diffusers.__version__).release >= (0, 40) else {"torch_dtype": dtype}
-
-
-def looks_like_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~")) and not os.path.exists(spec)
-
-
-def detect_family(spec: str, revision: str | None = None) -> str:
-    """'sdxl' or 'sd' from a folder's model_index.json, a hub id's, or a single file's keys."""
-    path = Path(spec).expanduser()
-    if path.is_file():
-        from .single_file import file_family
-
-        return file_family(path)
-    if path.is_dir():
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise ConfigError(f"teacher {spec} is not a diffusers pipeline folder (no model_index.json)")
-        info = json.loads(index.read_text())
-    else:
-        from diffusers import DiffusionPipeline
-
-        try:
-            info = DiffusionPipeline.load_config(spec, revision=revision)
-        except Exception as e:
-            raise ConfigError(f"could not read teacher {spec!r} from the hub: {_first_line(e)}") from None
-    name = str(info.get("_class_name", ""))
-    if "text_encoder" not in info or "unet" not in info:
-        raise ConfigError(f"teacher {spec} is a {name or 'pipeline'} without text_encoder/unet: not a SD/SDXL model")
-    return "sdxl" if "XL" in name or "text_encoder_2" in info else "sd"
-
-
-def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teacher:
-    """Load the teacher pipeline's components (no safety checker)."""
-    spec = cfg.teacher
-    path = Path(spec).expanduser()
-    if is_pickle(path) and not cfg.allow_pickle:
-        raise refuse_pickle(spec, "teacher")
-    if not path.exists() and not looks_like_hub_id(spec):
-        raise ConfigError(f"teacher {spec} does not exist (give a diffusers folder, a .safetensors file or a hub id)")
-    if path.is_file():  # checked (or, allowed, unpickled without code) before anyone reads it
-        path = weights_file(path, "teacher", cfg.allow_pickle)
-    elif path.is_dir():
-        check_weights_folder(path, "teacher", cfg.allow_pickle)
-    try:
-        family = cfg.family or detect_family(str(path) if path.is_file() else spec, cfg.revision)
-    except ConfigError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"could not read teacher {spec}: {_first_line(e)}") from None
-    cls = pipeline_class(family)
-    # Without --allow-pickle, diffusers and transformers may read safetensors only (also from the hub).
-    safetensors_only = None if cfg.allow_pickle else True
-    kwargs: dict[str, Any] = dtype_kwarg(dtype)
-    if family == "sd":
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    if cfg.vae:
-        from diffusers import AutoencoderKL
-
-        vae_path = Path(cfg.vae).expanduser()
-        sub = "vae" if (vae_path / "vae").is_dir() else None
-        if vae_path.is_dir():
-            check_weights_folder(vae_path, "--vae", cfg.allow_pickle)
-        elif vae_path.is_file():
-            raise ConfigError(f"--vae {cfg.vae}: give a diffusers VAE folder (or a hub id), not a single file")
-        try:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(
-                cfg.vae, subfolder=sub, use_safetensors=safetensors_only, **dtype_kwarg(dtype)
-            )
-        except Exception as e:
-            raise ConfigError(f"could not load --vae {cfg.vae}: {_first_line(e)}") from None
-    try:
-        if path.is_file() and cfg.teacher_config:
-            from .single_file import import_single_file
-
-            rest = {k: v for k, v in kwargs.items() if k not in ("dtype", "torch_dtype")}
-            pipe = import_single_file(path, cfg.teacher_config, family, dtype=dtype, **rest)
-        elif path.is_file():  # configs come from the hub
-            pipe = cls.from_single_file(str(path), **kwargs)
-        else:
-            pipe = cls.from_pretrained(
-                spec, revision=cfg.revision, variant=cfg.variant, use_safetensors=safetensors_only, **kwargs
-            )
-    except Exception as e:
-        raise ConfigError(f"could not load teacher {spec}: {_first_line(e)}") from None
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
-    for module in [pipe.unet, pipe.vae, *encoders]:
-        module.requires_grad_(False)
-        module.eval()
-    extra = {}
-    if family == "sdxl":
-        extra["force_zeros_for_empty_prompt"] = pipe.config.get("force_zeros_for_empty_prompt", True)
-    return Teacher(family, pipe.unet, pipe.vae, encoders, tokenizers, pipe.scheduler, spec, extra)
+from lcmkit.core.consistency import guidance_scale_embedding
+from lcmkit.distill.config import LCDConfig, LoraConfig
+from lcmkit.errors import ConfigError
+from lcmkit.errors import first_line as _first_line
+from lcmkit.families.conditioning import Conditioning
+from lcmkit.families.teacher import Teacher, pipeline_class
 
 
 def unet_call(

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from lcmkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -1,276 +1,45 @@
 """A small accelerate training loop: accumulation, mixed precision, clipping, checkpoints, resume,
-logging, periodic callbacks. It knows nothing of LCD: it minimises whatever `loss_fn` returns.
-
-Checkpoints hold no pickle: tensors go to safetensors and the rest (optimizer hyperparameters, RNG
-states, step) to JSON. Each is written under a temporary name and renamed, then `latest` is
-replaced atomically, so a killed run never points at a half-written checkpoint; a failed write (full disk,
-permissions) removes its temporary folder and leaves the previous checkpoint as it was.
+logging, periodic callbacks. It knows nothing of distillation: it minimises whatever `loss_fn` returns.
 
 A step whose loss or gradients are not finite is skipped (no optimizer step, no EMA update) and counted; all
 processes agree on it. After `max_nonfinite_steps` such steps in a row the run stops with TrainingError.
 
-Test hooks (environment variables read only by the test suite's subprocesses; unset in normal use):
-LCMKIT_TEST_INJECT_NAN_AT_STEP="3,5@1" makes the loss NaN at step 3 (every process) and step 5 (process 1 only);
-LCMKIT_TEST_PAUSE_IN_CHECKPOINT_AT_STEP=4 sleeps inside checkpoint 4's write, between writing its files and
-renaming its folder, so that a test can kill the process in the middle of a checkpoint write.
-"""
+Test hook (read only by the test suite's subprocesses; unset in normal use): LCMKIT_TEST_INJECT_NAN_AT_STEP="3,5@1"
+makes the loss NaN at step 3 (every process) and step 5 (process 1 only)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import random
-import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
+from lcmkit.errors import os_error_text
+from lcmkit.train.checkpoint import (
+    CHECKPOINT_DIR,
+    GlobalRNGState,
+    Stateful,
+    atomic_write_text,
+    find_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from lcmkit.train.session import TrainingError, _hook_steps, on_main
+
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
+
 NAN_HOOK = "LCMKIT_TEST_INJECT_NAN_AT_STEP"
-PAUSE_HOOK = "LCMKIT_TEST_PAUSE_IN_CHECKPOINT_AT_STEP"
-
-
-class TrainingError(RuntimeError):
-    """A fault that stops a run (non-finite steps, a failed checkpoint write, a damaged checkpoint): one line."""
-
-
-class PeerFailed(TrainingError):
-    """Another process of a multi-process run failed (and reported it); this one stops without a message."""
-
-
-def os_error_text(e: OSError) -> str:
-    """'No space left on device: /path' from an OSError (or its message when it has no errno)."""
-    what = e.strerror or str(e) or type(e).__name__
-    return f"{what}: {e.filename}" if e.filename else what
-
-
-def _hook_steps(name: str, rank: int) -> set[int]:
-    steps = set()
-    for item in filter(None, os.environ.get(name, "").split(",")):
-        step, _, only_rank = item.partition("@")
-        if not only_rank or int(only_rank) == rank:
-            steps.add(int(step))
-    return steps
-
-
-def on_main(accelerator: Any, fn: Callable[[], Any]) -> Any:
-    """fn() on the main process only. An exception there is re-raised there and, as PeerFailed, on every other
-    process, so that none of them waits forever at the next collective operation."""
-    result, error = None, None
-    if accelerator.is_main_process:
-        try:
-            result = fn()
-        except Exception as e:
-            error = e
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        message = broadcast_object_list([None if error is None else str(error)])[0]
-        if message is not None and error is None:
-            raise PeerFailed(message)
-    if error is not None:
-        raise error
-    return result
-
-
-class Stateful(Protocol):
-    def state_dict(self) -> Any: ...
-    def load_state_dict(self, state: Any) -> Any: ...
-
-
-class GeneratorState:
-    """Makes a torch.Generator checkpointable."""
-
-    def __init__(self, generator: torch.Generator):
-        self.generator = generator
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"state": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.generator.set_state(state["state"])
-
-
-class GlobalRNGState:
-    """torch (and CUDA), numpy and Python global RNG states."""
-
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "torch": torch.get_rng_state(),
-            "python": list(random.getstate()),
-            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-            "numpy_pos": int(np.random.get_state()[2]),
-        }
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        torch.set_rng_state(state["torch"])
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-        np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# -- pickle-free serialization of nested state ------------------------------------------------------
-
-
-def _flatten(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        tensors[key] = obj.detach().cpu().contiguous().clone()
-        return {"__tensor__": key}
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj):
-            return {"__dict__": {k: _flatten(v, f"{key}.{k}", tensors) for k, v in obj.items()}}
-        return {"__items__": [[k, _flatten(v, f"{key}.{k}", tensors)] for k, v in obj.items()]}
-    if isinstance(obj, (list, tuple)):
-        return {"__list__" if isinstance(obj, list) else "__tuple__": [
-            _flatten(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)
-        ]}  # fmt: skip
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {key}")
-
-
-def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__dict__" in obj:
-            return {k: _unflatten(v, tensors) for k, v in obj["__dict__"].items()}
-        if "__items__" in obj:
-            return {k: _unflatten(v, tensors) for k, v in obj["__items__"]}
-        if "__list__" in obj:
-            return [_unflatten(v, tensors) for v in obj["__list__"]]
-        if "__tuple__" in obj:
-            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
-    return obj
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def save_checkpoint(folder: Path, step: int, objects: dict[str, Stateful], meta: dict[str, Any]) -> Path:
-    """Write checkpoint-<step> atomically and point `latest` at it. On failure the temporary folder is removed
-    and the error raised; `latest` and the checkpoints before it are untouched."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".checkpoint-*.tmp-*"):  # left by a killed run (one run per folder: the lock)
-        shutil.rmtree(stale, ignore_errors=True)
-    final = folder / f"checkpoint-{step:08d}"
-    tmp = folder / f".checkpoint-{step:08d}.tmp-{os.getpid()}"
-    try:
-        tmp.mkdir()
-        tensors: dict[str, torch.Tensor] = {}
-        structure = {name: _flatten(obj.state_dict(), name, tensors) for name, obj in objects.items()}
-        save_file(tensors, tmp / "state.safetensors")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "meta": meta, "state": structure}))
-        for f in tmp.iterdir():
-            with open(f, "rb+") as fh:
-                os.fsync(fh.fileno())
-        if step in _hook_steps(PAUSE_HOOK, 0):
-            time.sleep(60)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(folder)
-    atomic_write_text(folder / "latest", final.name + "\n")
-    return final
-
-
-def find_checkpoint(out_dir: Path, spec: str) -> Path | None:
-    """'latest' -> the checkpoint `latest` points to (None if there is none yet); else a folder."""
-    folder = out_dir / CHECKPOINT_DIR
-    if spec == "latest":
-        pointer = folder / "latest"
-        if not pointer.is_file():
-            return None
-        path = folder / pointer.read_text().strip()
-    else:
-        path = Path(spec)
-    if not (path / "state.json").is_file() or not (path / "state.safetensors").is_file():
-        raise FileNotFoundError(f"{path} is not a complete lcmkit checkpoint")
-    return path
-
-
-def load_checkpoint(path: Path, objects: dict[str, Stateful]) -> dict[str, Any]:
-    try:
-        record = json.loads((path / "state.json").read_text())
-    except ValueError as e:
-        raise TrainingError(f"checkpoint {path / 'state.json'} is damaged (not valid JSON: {e})") from None
-    try:
-        tensors = load_file(path / "state.safetensors")
-    except Exception as e:
-        from .safe_load import first_line
-
-        raise TrainingError(f"checkpoint {path / 'state.safetensors'} is damaged ({first_line(e)})") from None
-    for name, obj in objects.items():
-        if name not in record["state"]:
-            raise KeyError(f"checkpoint {path} has no state for {name}")
-        obj.load_state_dict(_unflatten(record["state"][name], tensors))
-    return record
-
-
-def prune_checkpoints(folder: Path, keep: int | None) -> None:
-    if not keep:
-        return
-    done = sorted(p for p in folder.glob("checkpoint-*") if p.is_dir())
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextmanager
-def accelerator_session(**kwargs: Any) -> Iterator[Any]:
-    """An Accelerator whose process-wide state is reset on exit, so that a library user (or a test) can
-    run several trainings with different settings in one process."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    accelerator = Accelerator(**kwargs)
-    try:
-        yield accelerator
-        accelerator.wait_for_everyone()  # gloo can hang destroying a group whose peer already left
-    finally:
-        accelerator.end_training()
-        AcceleratorState._reset_state(reset_partial_state=True)
-
-
-# -- the loop ---------------------------------------------------------------------------------------
 
 
 PROFILE_FILE = "profile.json"

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from .sample import FewStepGenerator, Superseded
+from lcmkit.infer.generator import FewStepGenerator, Superseded
 
 MAX_BODY_BYTES = 16 * 1024
 MAX_PROMPT_CHARS = 1000
@@ -93,12 +93,12 @@ def create_app(generator: FewStepGenerator, info: dict[str, Any] | None = None) 
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-    from .config import ConfigError
+    from lcmkit.errors import ConfigError
 
     service = GenerationService(generator)
     app = FastAPI(title="lcmkit serve", docs_url="/api/docs", redoc_url=None)
     app.state.service = service
-    page = resources.files("lcmkit").joinpath("serve_page.html").read_text()
+    page = resources.files("lcmkit.app").joinpath("serve_page.html").read_text()
     size = int(generator.pipe.unet.config.sample_size) * int(generator.pipe.vae_scale_factor)
     model_info = {
         "family": generator.family, "full": generator.full, "teacher": generator.has_teacher,
@@ -144,7 +144,7 @@ def serve(
 
     app = create_app(generator, info)
     if generator.compiled:  # compile before the first visitor waits for it
-        from .sample import default_size
+        from lcmkit.infer.pipelines import default_size
 
         print("lcmkit serve: compiling the UNet and VAE decoder (minutes on a CPU) ...", flush=True)
         size = default_size(generator.pipe)

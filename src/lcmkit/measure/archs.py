@@ -39,7 +39,7 @@ def build_sd15(out: str | Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .toy.tokenizer import build_clip_tokenizer
+    from lcmkit.families.tokenizers import build_clip_tokenizer
 
     out = Path(out)
     torch.manual_seed(seed)

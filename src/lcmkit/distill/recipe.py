@@ -5,41 +5,42 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.profiler import record_function
 
-from .config import ConfigError, DistillConfig, validate
-from .data import ImageTransform, SampleStream, SkipTally, Source, make_dataloader, resolve_data, summarize_skips
-from .lcd import LCDSettings, lcd_loss
-from .lock import RunLock
-from .models import PRECISIONS, LCDModels, Teacher, build_lcd_models, load_teacher, save_full_lcm, save_lora
-from .sample import generate, image_grid, lcm_pipeline
-from .train import (
-    CHECKPOINT_DIR,
-    GeneratorState,
-    Trainer,
-    TrainerSettings,
-    TrainResult,
-    accelerator_session,
-    find_checkpoint,
-    on_main,
-)
+from lcmkit.data import ImageTransform, SampleStream, SkipTally, Source, make_dataloader, resolve_data, summarize_skips
+from lcmkit.distill.config import DistillConfig, validate
+from lcmkit.distill.validation import Validator
+from lcmkit.errors import ConfigError
+from lcmkit.families.teacher import Teacher, load_teacher
+from lcmkit.families.unet import LCDModels, build_lcd_models, save_full_lcm, save_lora
+from lcmkit.measure.system import peak_rss_mb, versions
+from lcmkit.methods.lcd import LCDSettings, lcd_loss
+from lcmkit.runtime import PRECISIONS
+from lcmkit.train.checkpoint import CHECKPOINT_DIR, GeneratorState, find_checkpoint
+from lcmkit.train.lock import RunLock
+from lcmkit.train.loop import Trainer, TrainerSettings, TrainResult
+from lcmkit.train.optim import make_optimizer
+from lcmkit.train.session import accelerator_session, on_main
 
 log = logging.getLogger(__name__)
 
+
 RUN_RECORD = "lcmkit_run.json"
+
+
 OUTPUTS = (RUN_RECORD, "README.md", "pytorch_lora_weights.safetensors", "unet", "unet_online", "pipeline", "validation",
            "logs", CHECKPOINT_DIR)  # fmt: skip
+
+
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 
 
@@ -86,98 +87,6 @@ def clear_outputs(out: Path) -> None:
             target.unlink()
 
 
-class MatrixAdafactor(torch.optim.Adafactor):
-    """torch's Adafactor with every weight of more than two dimensions (a convolution's out x in x kh x kw)
-    factored as the matrix out x (in kh kw), as the Adafactor paper treats them. torch factors over the last two
-    dimensions instead: for a 3x3 convolution that keeps 2/3 of the weight's size as state (1.75 GB for the SD1.5
-    UNet) and spends most of a step in norms over rows of 3 (38 s of an 84 s full-size step, measured)."""
-
-    def _init_group(self, group, params_with_grad, grads, row_vars, col_vars, variances, state_steps) -> bool:
-        start = len(params_with_grad)
-        has_complex = super()._init_group(group, params_with_grad, grads, row_vars, col_vars, variances, state_steps)
-        for i in range(start, len(params_with_grad)):
-            p, g = params_with_grad[i], grads[i]
-            if p.dim() > 2 and p.is_contiguous() and g.is_contiguous():
-                params_with_grad[i], grads[i] = p.view(p.shape[0], -1), g.view(g.shape[0], -1)
-                state = self.state[p]
-                if state["row_var"].dim() > 2:  # first step: state for the matrix view
-                    state["row_var"] = g.new_zeros(p.shape[0], 1)
-                    state["col_var"] = g.new_zeros(1, grads[i].shape[1])
-                row_vars[i], col_vars[i] = state["row_var"], state["col_var"]
-        return has_complex
-
-
-def make_optimizer(params: list[torch.nn.Parameter], cfg: DistillConfig) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if o.optimizer == "adafactor":
-        return MatrixAdafactor(params, lr=o.learning_rate, weight_decay=o.adam_weight_decay)
-    kwargs = dict(lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
-                  weight_decay=o.adam_weight_decay)  # fmt: skip
-    if o.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    if o.fused_adam:
-        try:
-            return torch.optim.AdamW(params, fused=True, **kwargs)
-        except RuntimeError:  # a device or dtype without the fused kernel
-            pass
-    return torch.optim.AdamW(params, **kwargs)
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("lcmkit", "torch", "diffusers", "transformers", "peft", "accelerate", "safetensors"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-class Validator:
-    """Saves a grid of few-step samples of the current student (rows prompts, columns step counts)."""
-
-    def __init__(self, cfg: DistillConfig, teacher: Teacher, models: LCDModels, out: Path, accelerator: Any):
-        self.cfg, self.teacher, self.models, self.out, self.accelerator = cfg, teacher, models, out, accelerator
-
-    def __call__(self, step: int) -> Path:
-        cfg = self.cfg
-        unet = self.models.student_unet
-        guidance = 8.0 if self.models.mode == "full" else 1.0
-        pipe = lcm_pipeline(self.teacher, unet, cfg.lcd.num_ddim_timesteps)
-        unet.eval()
-        try:
-            columns = [
-                generate(pipe, cfg.train.validation_prompts, n, guidance, cfg.train.seed, cfg.data.resolution)
-                for n in cfg.train.validation_steps
-            ]
-        finally:
-            unet.train()
-        rows = [list(r) for r in zip(*columns)]
-        grid = image_grid(
-            rows, cfg.train.validation_prompts, [f"{n} step{'s' * (n > 1)}" for n in cfg.train.validation_steps]
-        )
-        folder = self.out / "validation"
-        folder.mkdir(exist_ok=True)
-        path = folder / f"step-{step:08d}.png"
-        grid.save(path)
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                import numpy as np
-
-                tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
-        return path
-
-
 def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
     """Run LCD end to end. Raises ConfigError on bad input before any heavy work."""
     validate(cfg)
@@ -197,7 +106,7 @@ def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
     out = prepare_out_dir(cfg)
     t_start = time.perf_counter()
     if cfg.preset:  # before loading anything: the preset may name a VAE for another family
-        from .models import detect_family
+        from lcmkit.families.teacher import detect_family
 
         family = cfg.model.family or detect_family(cfg.model.teacher, cfg.model.revision)
         check_preset_family(cfg.preset, family, cfg.model.teacher)
@@ -220,6 +129,8 @@ def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
 
 
 SMALL_UNET_PARAMS = 50_000_000
+
+
 SMALL_CONV_POSITIONS = 2048
 """Latent positions per UNet call (batch x latent height x width) below which oneDNN's per-call setup outweighs
 the work: a tiny SD at 64 px, batch 4 (256 positions) steps ~25% faster on native kernels; the toy teacher at
@@ -253,7 +164,7 @@ def run_lock(out: Path, accelerator: Any, command: str) -> Iterator[None]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and accelerator.num_processes == 1:
         if os.environ.get("RANK", "0") != "0":
-            from .train import PeerFailed
+            from lcmkit.train.session import PeerFailed
 
             raise PeerFailed("not the first process")
         raise ConfigError(f"started as one of {world} processes, but accelerate set up no process group: on a "
@@ -274,7 +185,7 @@ def run_lock(out: Path, accelerator: Any, command: str) -> Iterator[None]:
 
 
 def check_preset_family(preset: str | None, family: str, teacher: str) -> None:
-    from .config import list_presets
+    from lcmkit.distill.config import list_presets
 
     if not preset:
         return
@@ -287,7 +198,7 @@ def check_preset_family(preset: str | None, family: str, teacher: str) -> None:
 
 def check_cache(source: Source, teacher: Teacher, resolution: int) -> None:
     """A cache must come from this teacher's VAE and text encoder(s), at this resolution."""
-    from .data.cache import CacheSource, encoder_fingerprint
+    from lcmkit.data.cache import CacheSource, encoder_fingerprint
 
     if isinstance(source, CacheSource):
         source.check_matches(teacher.family, encoder_fingerprint(teacher.vae, teacher.text_encoders), resolution)
@@ -299,7 +210,7 @@ def release_for_cache(source: Source, teacher: Teacher, conditioner: Any, cfg: D
     Returns what was released."""
     import gc
 
-    from .data.cache import CacheSource
+    from lcmkit.data.cache import CacheSource
 
     if not isinstance(source, CacheSource):
         return []
@@ -449,14 +360,14 @@ def _run(
             "data": {"source": source.description, "skipped": skipped, "released": released},
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }  # fmt: skip
-        from .bench import machine
-        from .card import write_model_card
+        from lcmkit.measure.system import machine
+        from lcmkit.outputs.card import write_model_card
 
         record["machine"] = machine()
         (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         write_model_card(out, cfg.train.hub_model_id)
         if cfg.train.push_to_hub:
-            from .card import push
+            from lcmkit.outputs.hub import push
 
             push(out, cfg.train.hub_model_id or out.resolve().name, cfg.train.hub_private)
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from lcmkit.errors import ConfigError
 
 # The text width a UNet cross-attends to tells the base family apart.
 CROSS_ATTENTION_FAMILY = {768: "sd (1.x)", 1024: "sd (2.x)", 2048: "sdxl"}

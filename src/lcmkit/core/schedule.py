@@ -1,0 +1,49 @@
+"""The teacher's discrete noise schedule and the skipping-step (DDIM) timestep grid (LCM paper, section 4.3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def append_dims(x: Tensor, ndim: int) -> Tensor:
+    """Append trailing singleton dims so that a per-example scalar broadcasts over a latent."""
+    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The teacher's discrete VP schedule: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)."""
+
+    alphas_cumprod: Tensor
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        abar = self.alphas_cumprod.to(t.device)[t]
+        return abar.sqrt(), (1 - abar).sqrt()
+
+
+def ddim_timesteps(num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50) -> Tensor:
+    """The skipping-step solver grid tau_i = (i + 1) * k - 1, i = 0..N-1, with k = T // N."""
+    k = num_train_timesteps // num_ddim_timesteps
+    return (torch.arange(num_ddim_timesteps) + 1) * k - 1
+
+
+def sample_timestep_pairs(
+    batch: int,
+    num_train_timesteps: int,
+    num_ddim_timesteps: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """Draw i ~ U{0..N-1}; return (t_n_plus_k = tau_i, t_n = max(tau_i - k, 0))."""
+    k = num_train_timesteps // num_ddim_timesteps
+    grid = ddim_timesteps(num_train_timesteps, num_ddim_timesteps).to(device)
+    index = torch.randint(0, num_ddim_timesteps, (batch,), generator=generator, device=device)
+    t_n_plus_k = grid[index]
+    return t_n_plus_k, (t_n_plus_k - k).clamp(min=0)

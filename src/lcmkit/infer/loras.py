@@ -1,0 +1,92 @@
+"""LoRA files at inference: find, check against a UNet, read an LCM-LoRA's sampling facts, parse PATH:WEIGHT."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from lcmkit.families.teacher import pipeline_class
+
+
+def lora_target_modules(path: str | Path, family: str = "sd") -> dict[str, tuple[int, ...]]:
+    """UNet module name -> shape of its LoRA down (A) weight, read from a diffusers/peft LoRA file, or from a
+    kohya/webui file through diffusers' own converter (the one load_lora_weights uses)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in shapes):
+        try:
+            state, _ = pipeline_class(family).lora_state_dict(str(path))
+        except Exception:  # not a LoRA diffusers can read: reported as matching nothing
+            state = {}
+        # its attention keys come in the old attention-processor naming: attn1.processor.to_k_lora.down.weight
+        processor = re.compile(r"\.processor\.(to_[qkv]|to_out)_lora\.(down|up)\.weight$")
+        shapes = {
+            processor.sub(lambda m: f".{m[1]}{'.0' * (m[1] == 'to_out')}.lora.{m[2]}.weight", key): tuple(value.shape)
+            for key, value in state.items()
+        }
+    targets: dict[str, tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        for marker in (".lora_A.weight", ".lora.down.weight", ".lora_A.default.weight"):
+            if key.endswith(marker) and not key.startswith("text_encoder"):
+                name = key[: -len(marker)]
+                targets[name.removeprefix("unet.").removeprefix("base_model.model.")] = shape
+    return targets
+
+
+def check_lora_matches(unet: torch.nn.Module, path: str | Path, family: str) -> None:
+    """Refuse a LoRA that matches no UNet module, or one made for another base (shapes differ)."""
+    from lcmkit.errors import ConfigError
+
+    targets = lora_target_modules(path, family)
+    if not targets:
+        raise ConfigError(f"LoRA {path} has no UNet LoRA weights (diffusers/peft lora_A or kohya lora_unet_ keys)")
+    modules = dict(unet.named_modules())
+    matched = [n for n in targets if n in modules]
+    if not matched:
+        example = next(iter(targets))
+        raise ConfigError(f"LoRA {path} matches no module of this {family.upper()} UNet (e.g. {example}): "
+                          "it was made for another model")  # fmt: skip
+    for name in matched:
+        layer = modules[name]
+        fan_in = layer.in_channels if hasattr(layer, "in_channels") else getattr(layer, "in_features", None)
+        if fan_in is not None and targets[name][1] != fan_in:
+            raise ConfigError(f"LoRA {path} does not fit this {family.upper()} base ({name} expects {fan_in} inputs, "
+                              f"the LoRA has {targets[name][1]}): it was made for another family")  # fmt: skip
+
+
+def lcm_lora_ddim_timesteps(loras: list[tuple[str, float]], default: int = 50) -> int:
+    """N, the DDIM skipping grid an lcmkit LCM-LoRA among `loras` was distilled on (its run record beside the
+    weights), else `default`. Its consistency function is trained at those N timesteps only, so LCMScheduler and
+    TCDScheduler must draw their steps from the same grid (original_inference_steps = N)."""
+    import json
+
+    for path, _ in loras:
+        p = Path(path).expanduser()
+        record = (p if p.is_dir() else p.parent) / "lcmkit_run.json"
+        try:
+            run = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(run, dict) or run.get("mode") != "lora":
+            continue
+        n = run.get("config", {}).get("lcd", {}).get("num_ddim_timesteps")
+        if isinstance(n, int) and n >= 1:
+            return n
+    return default
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """'path[:weight]' -> (path, weight); a Windows drive letter or a path with ':' stays whole."""
+    from lcmkit.errors import ConfigError
+
+    path, sep, weight = spec.rpartition(":")
+    if sep and path and not Path(spec).exists():
+        try:
+            return path, float(weight)
+        except ValueError:
+            raise ConfigError(f"--lora {spec}: the weight after ':' must be a number") from None
+    return spec, 1.0
