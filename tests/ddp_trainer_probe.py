@@ -39,7 +39,7 @@ class Batches:
 
 
 def train(out: Path, accumulation: int, batches: Batches) -> dict[str, torch.Tensor]:
-    from lcmkit.train.loop import Trainer, TrainerSettings
+    from lcmkit.train.loop import LoopSettings, Trainer, Update
     from lcmkit.train.session import accelerator_session
 
     torch.manual_seed(0)
@@ -52,9 +52,10 @@ def train(out: Path, accumulation: int, batches: Batches) -> dict[str, torch.Ten
         def loss_fn(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
             return torch.nn.functional.mse_loss(wrapped(batch["x"]), batch["y"]), {}
 
-        settings = TrainerSettings(out_dir=out, max_steps=STEPS, batch_size=4, gradient_accumulation_steps=accumulation,
-                                   checkpoint_every=2, log_every=1, progress=False)  # fmt: skip
-        Trainer(acc, settings, wrapped, optimizer, scheduler, batches, loss_fn, state={"model": model}).run()
+        settings = LoopSettings(max_steps=STEPS, batch_size=4, gradient_accumulation_steps=accumulation,
+                                checkpoint_every=2, log_every=1, progress=False)  # fmt: skip
+        update = Update("model", wrapped, optimizer, scheduler, loss_fn)
+        Trainer(acc, settings, out, [update], batches, state={"model": model}).run()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

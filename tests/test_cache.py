@@ -12,9 +12,8 @@ from test_data import make_folder
 
 from lcmkit.app.cli import main
 from lcmkit.data import ImageTransform, SampleStream, resolve_data
-from lcmkit.distill.config import ModelConfig
 from lcmkit.errors import ConfigError
-from lcmkit.families.teacher import load_teacher
+from lcmkit.families.teacher import ModelConfig, load_teacher
 
 
 def cache_cli(teacher: str, data: str, out: Path, *extra: str) -> int:

@@ -191,8 +191,7 @@ def test_tcd_columns_sample_the_same_model_from_the_same_noise(tiny_sd, tiny_sd_
 def test_initial_noise_is_the_noise_the_pipeline_draws_per_seed(tiny_sd, sampler):
     """Given latents give the images the pipeline draws itself, also for LCM, which draws fresh noise
     between steps (that noise must not repeat the initial noise)."""
-    from lcmkit.distill.config import ModelConfig
-    from lcmkit.families.teacher import load_teacher
+    from lcmkit.families.teacher import ModelConfig, load_teacher
     from lcmkit.infer.pipelines import initial_noise, lcm_pipeline, run_batched, teacher_pipeline
     from lcmkit.infer.schedulers import teacher_scheduler
 

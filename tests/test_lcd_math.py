@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from lcmkit.core.consistency import boundary_scalings, guidance_scale_embedding, pseudo_huber
+from lcmkit.core.consistency import boundary_scalings, consistency_function, guidance_scale_embedding, pseudo_huber
 from lcmkit.core.prediction import predicted_noise, predicted_origin
 from lcmkit.core.schedule import NoiseSchedule, ddim_timesteps, sample_timestep_pairs
 from lcmkit.core.solver import ddim_step
 from lcmkit.families.conditioning import Conditioning
-from lcmkit.methods.lcd import LCDSettings, consistency_function, lcd_loss
+from lcmkit.methods.base import Batch, Nets
+from lcmkit.methods.lcd import LCD, LCDSettings
 
 
 def sd_schedule() -> NoiseSchedule:
@@ -103,7 +104,7 @@ def test_consistency_function_is_identity_at_t0():
     s = sd_schedule()
     z = torch.randn(2, 4, 8, 8)
     out = torch.randn(2, 4, 8, 8)
-    f = consistency_function(out, z, torch.tensor([0, 0]), s, LCDSettings())
+    f = consistency_function(out, z, torch.tensor([0, 0]), s, "epsilon")
     torch.testing.assert_close(f, z)
 
 
@@ -129,7 +130,8 @@ def test_lcd_loss_follows_algorithm_1():
         seen["target"] = (z.clone(), t.clone())
         return torch.ones_like(z)
 
-    loss, _ = lcd_loss(z0, cond, uncond, student, teacher, target, s, settings, torch.Generator().manual_seed(7))
+    nets = Nets(student, teacher, target, s, "epsilon")
+    loss, _ = LCD(settings).loss(nets, Batch(z0, cond, uncond), torch.Generator().manual_seed(7))
     assert calls == [(6, [1.0, 1.0, 1.0, 0.0, 0.0, 0.0])]
 
     # Recompute independently, drawing in the same order: index, noise, w.

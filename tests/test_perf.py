@@ -9,10 +9,10 @@ import pytest
 import torch
 from test_distill_e2e import distill_args, losses, run_cli
 
-from lcmkit.distill.config import LCDConfig, LoraConfig, ModelConfig
+from lcmkit.distill.config import LCDConfig
 from lcmkit.families.conditioning import Conditioning
-from lcmkit.families.teacher import load_teacher
-from lcmkit.families.unet import build_lcd_models, unet_call
+from lcmkit.families.teacher import ModelConfig, load_teacher
+from lcmkit.families.unet import LoraConfig, build_lcd_models, unet_call
 
 
 def test_lora_teacher_view_shares_weights_and_equals_adapters_disabled(tiny_sd):
@@ -128,7 +128,7 @@ def test_fused_adamw_makes_the_same_update():
         ]
         cfg = DistillConfig()
         cfg.optim.fused_adam = fused
-        opt = make_optimizer(params, cfg)
+        opt = make_optimizer(params, cfg.optim)
         assert opt.defaults.get("fused") is (True if fused else None)
         for step in range(3):
             for i, p in enumerate(params):

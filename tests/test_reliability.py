@@ -227,9 +227,8 @@ def test_pickle_files_are_refused_unless_allowed_then_read_without_code(capsys, 
 
 
 def test_a_pickle_only_teacher_component_is_refused_unless_allowed(capsys, tiny_sd, shards, tmp_path):
-    from lcmkit.distill.config import ModelConfig
     from lcmkit.errors import ConfigError
-    from lcmkit.families.teacher import load_teacher
+    from lcmkit.families.teacher import ModelConfig, load_teacher
 
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_sd, teacher)
@@ -270,9 +269,8 @@ def test_malformed_safetensors_are_named(capsys, tiny_sd, tiny_sd_lora, shards, 
 
 
 def test_a_pickle_single_file_teacher_loads_only_when_allowed(tiny_sd, tmp_path):
-    from lcmkit.distill.config import ModelConfig
     from lcmkit.errors import ConfigError
-    from lcmkit.families.teacher import load_teacher
+    from lcmkit.families.teacher import ModelConfig, load_teacher
     from lcmkit.formats.single_file import export_single_file
 
     single = export_single_file(tiny_sd, tmp_path / "model.safetensors")

@@ -109,8 +109,7 @@ def test_sdxl_round_trip_is_exact(tiny_sdxl, exported):
 
 @pytest.mark.parametrize("which, family", [("tiny_sd", "sd"), ("tiny_sdxl", "sdxl")])
 def test_load_teacher_reads_the_export(request, exported, which, family):
-    from lcmkit.distill.config import ModelConfig
-    from lcmkit.families.teacher import detect_family, load_teacher, pipeline_class
+    from lcmkit.families.teacher import ModelConfig, detect_family, load_teacher, pipeline_class
 
     folder = request.getfixturevalue(which)
     path = exported(folder)
@@ -127,8 +126,7 @@ def test_load_teacher_reads_the_export(request, exported, which, family):
 def test_full_lcm_keeps_cond_proj_and_casts_to_fp16(tiny_sd, tmp_path):
     from diffusers import LatentConsistencyModelPipeline
 
-    from lcmkit.distill.config import ModelConfig
-    from lcmkit.families.teacher import load_teacher
+    from lcmkit.families.teacher import ModelConfig, load_teacher
     from lcmkit.families.unet import make_full_student, save_full_lcm
 
     teacher = load_teacher(ModelConfig(teacher=tiny_sd))

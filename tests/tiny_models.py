@@ -249,8 +249,7 @@ def make_tiny_lora(teacher: str | Path, out: str | Path, rank: int = 4) -> Path:
     LoRA config and writer, with small random B weights so that the adapter changes the UNet."""
     from diffusers import UNet2DConditionModel
 
-    from lcmkit.distill.config import LoraConfig
-    from lcmkit.families.unet import lora_config, save_lora
+    from lcmkit.families.unet import LoraConfig, lora_config, save_lora
 
     unet = UNet2DConditionModel.from_pretrained(Path(teacher) / "unet")
     cfg = LoraConfig(lora_rank=rank)
@@ -267,8 +266,7 @@ def make_tiny_lora(teacher: str | Path, out: str | Path, rank: int = 4) -> Path:
 def make_tiny_full_lcm(teacher: str | Path, out: str | Path) -> Path:
     """A full-LCM output folder (unet/ + pipeline/) for a tiny teacher: the untrained, zero-initialised student
     written by lcmkit's own writer."""
-    from lcmkit.distill.config import ModelConfig
-    from lcmkit.families.teacher import load_teacher
+    from lcmkit.families.teacher import ModelConfig, load_teacher
     from lcmkit.families.unet import make_full_student, save_full_lcm
 
     loaded = load_teacher(ModelConfig(teacher=str(teacher)))

@@ -7,6 +7,9 @@ import math
 import torch
 from torch import Tensor
 
+from lcmkit.core.prediction import predicted_origin
+from lcmkit.core.schedule import NoiseSchedule, append_dims
+
 
 def boundary_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
     """c_skip(t), c_out(t) with c_skip(0) ~ 1 and c_out(0) = 0 (LCM paper eq. 9 / CM paper app. C)."""
@@ -31,3 +34,19 @@ def guidance_scale_embedding(w: Tensor, embedding_dim: int = 256, dtype: torch.d
 def pseudo_huber(pred: Tensor, target: Tensor, c: float) -> Tensor:
     """Per-element sqrt((pred - target)^2 + c^2) - c (Song & Dhariwal 2023, eq. 9 without the 1/c)."""
     return ((pred - target) ** 2 + c**2).sqrt() - c
+
+
+def consistency_function(
+    model_output: Tensor,
+    z_t: Tensor,
+    t: Tensor,
+    schedule: NoiseSchedule,
+    prediction_type: str,
+    sigma_data: float = 0.5,
+    timestep_scaling: float = 10.0,
+) -> Tensor:
+    """f(z_t, t) = c_skip(t) z_t + c_out(t) x0_hat(z_t, t), in float32 (LCM paper eq. 9)."""
+    alpha, sigma = (append_dims(s, z_t.ndim) for s in schedule.alpha_sigma(t))
+    c_skip, c_out = (append_dims(s, z_t.ndim) for s in boundary_scalings(t, sigma_data, timestep_scaling))
+    x0_hat = predicted_origin(model_output.float(), z_t, alpha, sigma, prediction_type)
+    return c_skip * z_t + c_out * x0_hat

@@ -17,139 +17,33 @@ from typing import Any
 
 import tomllib
 
+from lcmkit.data.config import DataConfig
 from lcmkit.errors import ConfigError
-
-DEFAULT_LORA_TARGETS = [
-    # attention, feed-forward, resnet convs and time embedding projection (LCM-LoRA paper setup)
-    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-]  # fmt: skip
-
-
-@dataclass
-class ModelConfig:
-    teacher: str = ""
-    """Hub id, local diffusers folder, or a single .safetensors checkpoint."""
-    revision: str | None = None
-    """A hub revision (branch, tag or commit) of the teacher."""
-    variant: str | None = None
-    """A weights variant of the teacher folder, e.g. fp16."""
-    vae: str | None = None
-    """A separate VAE (hub id or folder), e.g. an fp16-safe SDXL VAE."""
-    teacher_config: str | None = None
-    """For a single-file teacher: a diffusers folder or hub id holding the matching configs."""
-    family: str | None = None
-    """sd or sdxl; detected from the teacher when not given."""
-    allow_pickle: bool = False
-    """Read pickle-based weights (.ckpt, .pt, .bin) at all; even then only with torch.load(weights_only=True)."""
+from lcmkit.families.conditioning import ConditioningSettings
+from lcmkit.families.teacher import ModelConfig
+from lcmkit.families.unet import LoraConfig, StudentSettings
+from lcmkit.methods import METHODS
+from lcmkit.methods.lcd import LCDSettings
+from lcmkit.train.loop import LoopSettings
+from lcmkit.train.optim import LR_SCHEDULERS, OptimConfig
 
 
 @dataclass
-class LCDConfig:
-    w_min: float = 3.0
-    """Lowest guidance scale w sampled per sample (the student learns the whole range)."""
-    w_max: float = 15.0
-    """Highest guidance scale w sampled per sample."""
-    num_ddim_timesteps: int = 50
-    """N, the teacher's DDIM skipping schedule: the ODE solver steps k = 1000 / N apart."""
-    loss: str = "huber"
-    """Consistency distance: huber (pseudo-Huber, the LCM-LoRA paper) or l2."""
-    huber_c: float = 0.001
-    """c of the pseudo-Huber loss sqrt(d^2 + c^2) - c."""
-    timestep_scaling: float = 10.0
-    """Scales t in the boundary condition c_skip/c_out (the diffusers examples use 10)."""
-    sigma_data: float = 0.5
-    """sigma_data of the boundary condition c_skip/c_out."""
-    ema_decay: float = 0.95
-    """Decay of the full mode's EMA target (LoRA mode has no separate target)."""
-    uncond: str = "auto"
-    """Unconditional embedding: 'empty' (the empty prompt's), 'zeros' (the reference scripts'), or 'auto':
-    what the teacher's own pipeline uses (zeros for SDXL with force_zeros_for_empty_prompt, else empty)."""
-    guidance_embed_dim: int = 256
-    """Width of the w embedding that enters a full student through timestep_cond."""
+class LCDConfig(LCDSettings, StudentSettings, ConditioningSettings):
+    """The [lcd] section: the method's settings, and how the student, its target and the unconditional branch are
+    built. Each field is defined (with its default) by the part that owns it."""
 
 
 @dataclass
-class LoraConfig:
-    lora_rank: int = 64
-    """Rank of the LCM-LoRA adapters."""
-    lora_alpha: float | None = None
-    """Defaults to lora_rank (scale 1)."""
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    """UNet module names that get adapters (attention, feed-forward, resnet convs, time embedding)."""
-    lora_dropout: float = 0.0
-    """Dropout on the adapters' input."""
+class TrainConfig(LoopSettings):
+    """The [train] section: the loop's settings (train/loop.py) and how this run computes, checks and reports."""
 
-
-@dataclass
-class OptimConfig:
-    learning_rate: float = 1e-4
-    """Peak learning rate (the presets: 1e-6 full, 1e-4 LoRA)."""
-    lr_scheduler: str = "constant"
-    """A diffusers scheduler name: constant, constant_with_warmup, linear, cosine, ..."""
-    lr_warmup_steps: int = 0
-    """Steps of linear warm-up of the learning rate."""
-    adam_beta1: float = 0.9
-    """AdamW's beta1."""
-    adam_beta2: float = 0.999
-    """AdamW's beta2."""
-    adam_epsilon: float = 1e-8
-    """AdamW's epsilon."""
-    adam_weight_decay: float = 1e-2
-    """Weight decay (decoupled, AdamW's)."""
-    max_grad_norm: float = 1.0
-    """Clip the gradient norm to this."""
-    use_8bit_adam: bool = False
-    """bitsandbytes' 8-bit AdamW (CUDA only)."""
-    optimizer: str = "adamw"
-    """adamw, or adafactor (torch's: factored second moments, no first moment; a fraction of AdamW's state,
-    for full LCD of large UNets in little memory)."""
-    fused_adam: bool = True
-    """torch's fused AdamW kernel where it has one (CPU and CUDA): the same update, one kernel for all tensors."""
-
-
-@dataclass
-class DataConfig:
-    data: str = ""
-    """wds:SHARDS (brace ranges, globs, a folder of .tar, pipe:, http(s)://), folder:PATH (an image folder with
-    a .txt caption beside each image or metadata.jsonl / metadata.csv), hf:PATH (a datasets save_to_disk folder
-    or parquet files) or cache:PATH (made by lcmkit cache). Without a prefix the kind is recognised."""
-    resolution: int = 512
-    """Training images are resized (shorter side) and cropped to this square size in pixels."""
-    center_crop: bool = True
-    """Crop the centre (else a random crop)."""
-    random_flip: bool = False
-    """Flip images horizontally at random."""
-    min_size: int = 0
-    """Skip images whose shorter side is below this many pixels (0: keep all)."""
-    max_aspect: float = 0.0
-    """Skip images whose long/short side ratio is above this (0: keep all)."""
-    caption_dropout: float = 0.0
-    """Probability of training a sample with the unconditional (empty) prompt instead of its caption."""
-    image_column: str = ""
-    """hf: the image column (found by name or type when empty)."""
-    caption_column: str = ""
-    """hf: the caption column (found by name or type when empty)."""
-    num_workers: int = 0
-    """Data loader worker processes (0: load in the training process)."""
-    shuffle_buffer: int = 1000
-    """Samples held for shuffling a streamed source (deterministic for a seed)."""
-
-
-@dataclass
-class TrainConfig:
     out: str = ""
     """Output folder: weights, checkpoints, logs, model card."""
     overwrite: bool = False
     """Replace the outputs of a previous run in --out (its checkpoints too)."""
     resume: str | None = None
     """'latest' or a checkpoint folder."""
-    max_steps: int = 1000
-    """Optimizer steps to train."""
-    batch_size: int = 8
-    """Samples per step on each process."""
-    gradient_accumulation_steps: int = 1
-    """Batches whose gradients add up to one optimizer step."""
     mixed_precision: str = "no"
     """no, fp16 (CUDA) or bf16: the precision the step computes in (weights that train stay fp32)."""
     teacher_precision: str = "auto"
@@ -171,10 +65,6 @@ class TrainConfig:
     minutes on a CPU (a new batch shape compiles again); worth it for long runs."""
     seed: int = 0
     """Seeds data order, noise, timesteps and w: the same seed gives the same run."""
-    checkpoint_every: int = 500
-    """Write a resumable checkpoint every this many steps (0: only at the end)."""
-    checkpoints_total_limit: int | None = None
-    """Keep only this many newest checkpoints."""
     validation_every: int = 0
     """Save a grid of validation images every this many steps (0: never)."""
     validation_prompts: list[str] = field(default_factory=list)
@@ -183,25 +73,20 @@ class TrainConfig:
     """Sampling steps shown in the validation grid."""
     report_to: str = "none"
     """none, tensorboard or wandb."""
-    log_every: int = 10
-    """Write loss and speed to logs/train_log.jsonl every this many steps."""
-    progress: bool = True
-    """Show a progress bar."""
     push_to_hub: bool = False
     """Upload the finished outputs (weights, model card, run record, grids) with your huggingface_hub login."""
     hub_model_id: str | None = None
     """The repo for --push-to-hub (default: the --out folder's name under your account)."""
     hub_private: bool = False
     """Make the --push-to-hub repo private."""
-    max_nonfinite_steps: int = 10
-    """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
-    profile_steps: int = 0
-    """Profile this many steps after the first and write the time per phase to <out>/profile.json."""
 
 
 @dataclass
 class DistillConfig:
     mode: str = "lora"
+    """full (a few-step model of its own) or lora (an adapter for the teacher and its fine-tunes)."""
+    method: str = "lcd"
+    """The distillation method (lcmkit.methods)."""
     preset: str | None = None
     """A shipped preset (lcmkit presets): its values sit under the config file's and the flags'."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -247,12 +132,14 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 
 
 def _field_docs() -> dict[str, str]:
-    """Field name -> the first sentence of its attribute docstring (the string under it in this module)."""
+    """Field name -> the first sentence of its attribute docstring (the string under it, in whichever class of a
+    section's bases defines it)."""
     import ast
     import inspect
 
     docs: dict[str, str] = {}
-    for cls in _sections().values():
+    owners = {k for cls in _sections().values() for k in cls.__mro__ if dataclasses.is_dataclass(k)}
+    for cls in owners:
         body = ast.parse(inspect.getsource(cls)).body[0].body
         for node, after in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
@@ -275,6 +162,7 @@ def add_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = SECTI
     parser.add_argument("--config", help="TOML file with options (flags override it)")
     if sections == SECTIONS:
         parser.add_argument("--mode", choices=["full", "lora"], default=None)
+        parser.add_argument("--method", choices=sorted(METHODS), default=None, help="the distillation method [lcd]")
         parser.add_argument("--preset", default=None, help="start from a shipped preset (see: lcmkit presets)")
     owner, docs, defaults = _section_fields(), _field_docs(), _defaults()
     for name, tp in _field_types().items():
@@ -352,7 +240,7 @@ def _flatten_toml(data: dict[str, Any], where: str) -> dict[str, Any]:
                 if owner.get(k) != key:
                     raise ConfigError(f"{where}: unknown option [{key}] {k}")
                 flat[k] = v
-        elif key in ("mode", "preset") or key in owner:
+        elif key in ("mode", "method", "preset") or key in owner:
             flat[key] = value
         else:
             raise ConfigError(f"{where}: unknown option {key}")
@@ -375,7 +263,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         flat.update(_flatten_toml(data, f"preset {preset}"))
     flat.update(given)
     for key, value in flat.items():
-        if key in ("mode", "preset"):
+        if key in ("mode", "method", "preset"):
             setattr(cfg, key, value)
             continue
         setattr(getattr(cfg, owner[key]), key, _coerce(key, value, types_[key]))
@@ -386,6 +274,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     """Every cross-field check, in one place. Raises ConfigError with one clear line."""
     if cfg.mode not in ("full", "lora"):
         raise ConfigError(f"--mode {cfg.mode!r}: choose full or lora")
+    if cfg.method not in METHODS:
+        raise ConfigError(f"--method {cfg.method!r}: choose one of {', '.join(sorted(METHODS))}")
     if not cfg.model.teacher:
         raise ConfigError("no teacher given: pass --teacher (hub id, diffusers folder or .safetensors file)")
     if cfg.model.family not in (None, "sd", "sdxl"):
@@ -463,6 +353,3 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     return cfg
 
 
-LR_SCHEDULERS = (
-    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-)  # fmt: skip

@@ -17,6 +17,15 @@ FAMILIES = ("sd", "sdxl")
 
 
 @dataclass
+class ConditioningSettings:
+    """Options of the [lcd] section that say how prompts condition the teacher."""
+
+    uncond: str = "auto"
+    """Unconditional embedding: 'empty' (the empty prompt's), 'zeros' (the reference scripts'), or 'auto':
+    what the teacher's own pipeline uses (zeros for SDXL with force_zeros_for_empty_prompt, else empty)."""
+
+
+@dataclass
 class Conditioning:
     """What a UNet needs besides (z_t, t). `pooled` and `time_ids` are set for SDXL only."""
 

@@ -12,12 +12,31 @@ import torch
 from torch import nn
 
 from lcmkit.core.schedule import NoiseSchedule
-from lcmkit.distill.config import ModelConfig
 from lcmkit.errors import ConfigError
 from lcmkit.errors import first_line as _first_line
 from lcmkit.families.conditioning import TextConditioner
 from lcmkit.formats.safe_load import check_weights_folder, is_pickle, refuse_pickle, weights_file
 from lcmkit.runtime import dtype_kwarg
+
+
+@dataclass
+class ModelConfig:
+    """The [model] options: which teacher, and how to read it."""
+
+    teacher: str = ""
+    """Hub id, local diffusers folder, or a single .safetensors checkpoint."""
+    revision: str | None = None
+    """A hub revision (branch, tag or commit) of the teacher."""
+    variant: str | None = None
+    """A weights variant of the teacher folder, e.g. fp16."""
+    vae: str | None = None
+    """A separate VAE (hub id or folder), e.g. an fp16-safe SDXL VAE."""
+    teacher_config: str | None = None
+    """For a single-file teacher: a diffusers folder or hub id holding the matching configs."""
+    family: str | None = None
+    """sd or sdxl; detected from the teacher when not given."""
+    allow_pickle: bool = False
+    """Read pickle-based weights (.ckpt, .pt, .bin) at all; even then only with torch.load(weights_only=True)."""
 
 
 def pipeline_class(family: str) -> type:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,40 @@ import torch
 from torch import Tensor, nn
 
 from lcmkit.core.consistency import guidance_scale_embedding
-from lcmkit.distill.config import LCDConfig, LoraConfig
 from lcmkit.errors import ConfigError
 from lcmkit.errors import first_line as _first_line
 from lcmkit.families.conditioning import Conditioning
 from lcmkit.families.teacher import Teacher, pipeline_class
+
+DEFAULT_LORA_TARGETS = [
+    # attention, feed-forward, resnet convs and time embedding projection (LCM-LoRA paper setup)
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+]  # fmt: skip
+
+
+@dataclass
+class LoraConfig:
+    """The [lora] options."""
+
+    lora_rank: int = 64
+    """Rank of the LCM-LoRA adapters."""
+    lora_alpha: float | None = None
+    """Defaults to lora_rank (scale 1)."""
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    """UNet module names that get adapters (attention, feed-forward, resnet convs, time embedding)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input."""
+
+
+@dataclass
+class StudentSettings:
+    """How the student and its target are built (options of the [lcd] section)."""
+
+    ema_decay: float = 0.95
+    """Decay of the full mode's EMA target (LoRA mode has no separate target)."""
+    guidance_embed_dim: int = 256
+    """Width of the w embedding that enters a full student through timestep_cond."""
 
 
 def unet_call(
@@ -131,7 +160,7 @@ def lora_config(cfg: LoraConfig) -> Any:
 
 
 def build_lcd_models(
-    teacher: Teacher, mode: str, lcd: LCDConfig, lora: LoraConfig, frozen_dtype: torch.dtype = torch.float32,
+    teacher: Teacher, mode: str, lcd: StudentSettings, lora: LoraConfig, frozen_dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu", teacher_storage: torch.dtype | None = None,
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> LCDModels:  # fmt: skip

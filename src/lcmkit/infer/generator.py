@@ -36,9 +36,8 @@ class FewStepGenerator:
         compile: bool = False,
         tcd_gamma: float = 0.3,
     ):
-        from lcmkit.distill.config import ModelConfig
         from lcmkit.errors import ConfigError
-        from lcmkit.families.teacher import load_teacher
+        from lcmkit.families.teacher import ModelConfig, load_teacher
 
         loras = loras or []
         if bool(base) == bool(lcm):

@@ -273,8 +273,7 @@ def bench_generate(cfg: GenerateBench) -> dict[str, Any]:
 
     import torch
 
-    from lcmkit.distill.config import ModelConfig
-    from lcmkit.families.teacher import load_teacher
+    from lcmkit.families.teacher import ModelConfig, load_teacher
     from lcmkit.infer.generator import distilled_pipeline
     from lcmkit.infer.pipelines import default_size, teacher_pipeline
     from lcmkit.infer.schedulers import teacher_scheduler

@@ -487,8 +487,7 @@ TEACHER_SAMPLERS = {"ddim": "teacher DDIM", "dpm++": "teacher DPM++"}
 def build_columns(settings: EvalSettings) -> list[Column]:
     """The distilled model at each step count, then the teacher's DDIM and DPM-Solver++ with guidance at the
     same counts plus the reference counts. Loads every model once."""
-    from lcmkit.distill.config import ModelConfig
-    from lcmkit.families.teacher import load_teacher
+    from lcmkit.families.teacher import ModelConfig, load_teacher
     from lcmkit.infer.generator import distilled_pipeline
     from lcmkit.infer.pipelines import teacher_pipeline
     from lcmkit.infer.schedulers import teacher_scheduler

@@ -2,111 +2,90 @@
 
 Notation follows the LCM paper: a skipping step k over a DDIM grid, t_n_plus_k -> t_n, guidance scale w,
 boundary scalings c_skip / c_out, consistency function f. The loss does not know whether the student is a full
-LCM or an LCM-LoRA, nor which family the teacher is: both are hidden behind the `student`, `teacher` and `target`
-callables and the conditioning object (anything with `.cat(other)`)."""
+LCM or an LCM-LoRA, nor which family the teacher is: both are hidden behind `Nets` and the conditioning object.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from lcmkit.core.consistency import boundary_scalings, pseudo_huber
-from lcmkit.core.prediction import predicted_noise, predicted_origin
-from lcmkit.core.schedule import NoiseSchedule, append_dims, sample_timestep_pairs
-from lcmkit.core.solver import ddim_step
+from lcmkit.core.consistency import consistency_function, pseudo_huber
+from lcmkit.core.schedule import append_dims, sample_timestep_pairs
+from lcmkit.core.solver import guided_ddim_step
+from lcmkit.methods.base import Batch, Nets
 
 
-class UNetFn(Protocol):
-    """A denoiser call: (z_t, t, conditioning, w) -> raw UNet output (eps, v or x0)."""
-
-    def __call__(self, z_t: Tensor, t: Tensor, cond: Any, w: Tensor) -> Tensor: ...
-
-
-@dataclass(frozen=True)
+@dataclass
 class LCDSettings:
-    """The method's hyperparameters (DESIGN.md section 1), reference defaults."""
+    """LCD's hyperparameters (DESIGN.md section 1); the defaults are the reference scripts'."""
 
-    prediction_type: str = "epsilon"
-    num_ddim_timesteps: int = 50
     w_min: float = 3.0
+    """Lowest guidance scale w sampled per sample (the student learns the whole range)."""
     w_max: float = 15.0
+    """Highest guidance scale w sampled per sample."""
+    num_ddim_timesteps: int = 50
+    """N, the teacher's DDIM skipping schedule: the ODE solver steps k = 1000 / N apart."""
     loss: str = "huber"
+    """Consistency distance: huber (pseudo-Huber, the LCM-LoRA paper) or l2."""
     huber_c: float = 0.001
+    """c of the pseudo-Huber loss sqrt(d^2 + c^2) - c."""
     timestep_scaling: float = 10.0
+    """Scales t in the boundary condition c_skip/c_out (the diffusers examples use 10)."""
     sigma_data: float = 0.5
+    """sigma_data of the boundary condition c_skip/c_out."""
 
 
-def consistency_function(
-    model_output: Tensor, z_t: Tensor, t: Tensor, schedule: NoiseSchedule, settings: LCDSettings
-) -> Tensor:
-    """f(z_t, t) = c_skip(t) z_t + c_out(t) x0_hat(z_t, t), in float32."""
-    alpha, sigma = (append_dims(s, z_t.ndim) for s in schedule.alpha_sigma(t))
-    c_skip, c_out = (
-        append_dims(s, z_t.ndim) for s in boundary_scalings(t, settings.sigma_data, settings.timestep_scaling)
-    )
-    x0_hat = predicted_origin(model_output.float(), z_t, alpha, sigma, settings.prediction_type)
-    return c_skip * z_t + c_out * x0_hat
+class LCD:
+    """One LCD example batch per call of `loss`, Algorithm 1 of the LCM paper."""
 
+    def __init__(self, settings: LCDSettings):
+        self.settings = settings
 
-def lcd_loss(
-    z0: Tensor,
-    cond: Any,
-    uncond: Any,
-    student: UNetFn,
-    teacher: Callable[[Tensor, Tensor, Any], Tensor],
-    target: UNetFn,
-    schedule: NoiseSchedule,
-    settings: LCDSettings,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """One LCD example batch, Algorithm 1 of the LCM paper. z0 are clean latents (already scaled)."""
-    z0 = z0.float()
-    batch, device = z0.shape[0], z0.device
-    nd = z0.ndim
-
-    # Skipping-step pair (t_n_plus_k, t_n) on the DDIM grid, noise, and a guidance scale per example.
-    t_n_plus_k, t_n = sample_timestep_pairs(
-        batch, schedule.num_train_timesteps, settings.num_ddim_timesteps, generator, device
-    )
-    eps = torch.randn(z0.shape, generator=generator, device=device)
-    w = settings.w_min + (settings.w_max - settings.w_min) * torch.rand(batch, generator=generator, device=device)
-    alpha_nk, sigma_nk = (append_dims(s, nd) for s in schedule.alpha_sigma(t_n_plus_k))
-    alpha_n, sigma_n = (append_dims(s, nd) for s in schedule.alpha_sigma(t_n))
-    z_n_plus_k = alpha_nk * z0 + sigma_nk * eps
-
-    # Student: f_theta(z_{n+k}, t_{n+k}, c, w), with gradients.
-    with record_function("lcd/student_forward"):
-        f_student = consistency_function(
-            student(z_n_plus_k, t_n_plus_k, cond, w), z_n_plus_k, t_n_plus_k, schedule, settings
+    def f(self, nets: Nets, model_output: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
+        """The consistency function f(z_t, t) of a raw network output (LCM paper eq. 9)."""
+        s = self.settings
+        return consistency_function(
+            model_output, z_t, t, nets.schedule, nets.prediction_type, s.sigma_data, s.timestep_scaling
         )
 
-    with torch.no_grad():
-        # Teacher: ONE forward over [cond; uncond], then guided x0 and eps, then one DDIM step to t_n.
-        with record_function("lcd/teacher"):
-            out = teacher(torch.cat([z_n_plus_k, z_n_plus_k]), torch.cat([t_n_plus_k, t_n_plus_k]), cond.cat(uncond))
-        out_cond, out_uncond = out.float().chunk(2)
-        pt = settings.prediction_type
-        x0_c = predicted_origin(out_cond, z_n_plus_k, alpha_nk, sigma_nk, pt)
-        x0_u = predicted_origin(out_uncond, z_n_plus_k, alpha_nk, sigma_nk, pt)
-        eps_c = predicted_noise(out_cond, z_n_plus_k, alpha_nk, sigma_nk, pt)
-        eps_u = predicted_noise(out_uncond, z_n_plus_k, alpha_nk, sigma_nk, pt)
-        w_ = append_dims(w, nd)
-        x0_guided = x0_c + w_ * (x0_c - x0_u)  # LCM convention: classifier-free scale w + 1
-        eps_guided = eps_c + w_ * (eps_c - eps_u)
-        z_n = ddim_step(x0_guided, eps_guided, alpha_n, sigma_n)
+    def distance(self, pred: Tensor, target: Tensor) -> Tensor:
+        if self.settings.loss == "l2":
+            return torch.nn.functional.mse_loss(pred, target)
+        return pseudo_huber(pred, target, self.settings.huber_c).mean()
 
-        # Target: f_theta-(z_n, t_n, c, w) (EMA for full LCD, the student itself for LoRA).
-        with record_function("lcd/target"):
-            f_target = consistency_function(target(z_n, t_n, cond, w), z_n, t_n, schedule, settings)
+    def loss(self, nets: Nets, batch: Batch, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        s, schedule = self.settings, nets.schedule
+        z0 = batch.z0.float()
+        n, device, nd = z0.shape[0], z0.device, z0.ndim
 
-    if settings.loss == "l2":
-        loss = torch.nn.functional.mse_loss(f_student, f_target)
-    else:
-        loss = pseudo_huber(f_student, f_target, settings.huber_c).mean()
-    # Detached tensors: the trainer converts them only on logging steps (no device sync every step).
-    return loss, {"w_mean": w.mean(), "t_mean": t_n_plus_k.float().mean()}
+        # Skipping-step pair (t_n_plus_k, t_n) on the DDIM grid, noise, and a guidance scale w per example.
+        t_n_plus_k, t_n = sample_timestep_pairs(n, schedule.num_train_timesteps, s.num_ddim_timesteps, generator,
+                                                device)  # fmt: skip
+        eps = torch.randn(z0.shape, generator=generator, device=device)
+        w = s.w_min + (s.w_max - s.w_min) * torch.rand(n, generator=generator, device=device)
+        alpha_nk, sigma_nk = (append_dims(x, nd) for x in schedule.alpha_sigma(t_n_plus_k))
+        alpha_n, sigma_n = (append_dims(x, nd) for x in schedule.alpha_sigma(t_n))
+        z_n_plus_k = alpha_nk * z0 + sigma_nk * eps
+
+        # Student: f_theta(z_{n+k}, t_{n+k}, c, w), with gradients.
+        with record_function("lcd/student_forward"):
+            f_student = self.f(nets, nets.student(z_n_plus_k, t_n_plus_k, batch.cond, w), z_n_plus_k, t_n_plus_k)
+
+        with torch.no_grad():
+            # Teacher: ONE forward over [cond; uncond], then one guided DDIM step from t_{n+k} to t_n.
+            with record_function("lcd/teacher"):
+                z2, t2 = torch.cat([z_n_plus_k, z_n_plus_k]), torch.cat([t_n_plus_k, t_n_plus_k])
+                out_cond, out_uncond = nets.teacher(z2, t2, batch.cond.cat(batch.uncond)).float().chunk(2)
+            z_n = guided_ddim_step(out_cond, out_uncond, z_n_plus_k, alpha_nk, sigma_nk, alpha_n, sigma_n,
+                                   append_dims(w, nd), nets.prediction_type)  # fmt: skip
+
+            # Target: f_theta-(z_n, t_n, c, w) (the EMA student for full LCD, the student itself for LoRA).
+            with record_function("lcd/target"):
+                f_target = self.f(nets, nets.target(z_n, t_n, batch.cond, w), z_n, t_n)
+
+        # Detached tensors: the trainer converts them only on logging steps (no device sync every step).
+        return self.distance(f_student, f_target), {"w_mean": w.mean(), "t_mean": t_n_plus_k.float().mean()}

@@ -19,8 +19,7 @@ def import_kohya(
     the LoRA is loaded into `base`, then saved with peft names and its alphas in the metadata."""
     from peft.utils import get_peft_model_state_dict
 
-    from lcmkit.distill.config import ModelConfig
-    from lcmkit.families.teacher import load_teacher, pipeline_class
+    from lcmkit.families.teacher import ModelConfig, load_teacher, pipeline_class
     from lcmkit.infer.pipelines import lcm_pipeline
 
     src = Path(lora).expanduser()

@@ -31,7 +31,7 @@ from lcmkit.runtime import dtype_kwarg
 from lcmkit.toy.tokenizer import load_toy_tokenizer
 from lcmkit.toy.world import render_array, sample_scenes, sample_seed
 from lcmkit.train.checkpoint import GeneratorState
-from lcmkit.train.loop import Trainer, TrainerSettings
+from lcmkit.train.loop import LoopSettings, Trainer, Update
 from lcmkit.train.session import accelerator_session
 
 SD_SCHEDULE = dict(
@@ -277,17 +277,14 @@ def train_teacher(recipe: TeacherRecipe, resume: bool = True, progress: bool = T
                 f.write(json.dumps(result) + "\n")
             tqdm.write(f"step {step}: prompt accuracy {result['prompt_accuracy']:.3f}")
 
+        loop = LoopSettings(max_steps=recipe.steps, batch_size=recipe.batch_size,
+                            checkpoint_every=recipe.checkpoint_every, checkpoints_total_limit=2,
+                            log_every=min(50, recipe.checkpoint_every), progress=progress)  # fmt: skip
         trainer = Trainer(
-            accelerator,
-            TrainerSettings(
-                out_dir=out, max_steps=recipe.steps, batch_size=recipe.batch_size, max_grad_norm=1.0,
-                checkpoint_every=recipe.checkpoint_every, checkpoints_total_limit=2,
-                log_every=min(50, recipe.checkpoint_every),
-                callback_every=recipe.eval_every, progress=progress, description="toy teacher",
-            ),
-            model, optimizer, lr_scheduler, LatentBatches(mean, std, ids, recipe.batch_size, recipe.seed), loss_fn,
+            accelerator, loop, out, [Update("teacher", model, optimizer, lr_scheduler, loss_fn, max_grad_norm=1.0)],
+            LatentBatches(mean, std, ids, recipe.batch_size, recipe.seed),
             state={"model": model, "ema": ema, "noise": GeneratorState(generator)},
-            on_step_end=update_ema, callback=evaluate,
+            on_step_end=update_ema, callback=evaluate, callback_every=recipe.eval_every, description="toy teacher",
         )  # fmt: skip
         if resume:
             trainer.resume("latest")

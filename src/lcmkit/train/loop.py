@@ -85,21 +85,44 @@ class StepProfiler:
 
 
 @dataclass
-class TrainerSettings:
-    out_dir: Path
-    max_steps: int
-    batch_size: int
+class LoopSettings:
+    """How the loop runs: the options of the [train] section that the trainer reads (and owns)."""
+
+    max_steps: int = 1000
+    """Optimizer steps to train."""
+    batch_size: int = 8
+    """Samples per step on each process."""
     gradient_accumulation_steps: int = 1
-    max_grad_norm: float | None = 1.0
-    checkpoint_every: int = 0
+    """Batches whose gradients add up to one optimizer step."""
+    checkpoint_every: int = 500
+    """Write a resumable checkpoint every this many steps (0: only at the end)."""
     checkpoints_total_limit: int | None = None
+    """Keep only this many newest checkpoints."""
     log_every: int = 10
-    callback_every: int = 0
+    """Write loss and speed to logs/train_log.jsonl every this many steps."""
     progress: bool = True
-    description: str = "training"
+    """Show a progress bar."""
     max_nonfinite_steps: int = 10
+    """Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
     profile_steps: int = 0
-    """Profile this many steps after the first (warm-up) one; the breakdown goes to out_dir/profile.json."""
+    """Profile this many steps after the first and write the time per phase to <out>/profile.json."""
+
+
+@dataclass
+class Update:
+    """One optimizer's share of a training step: minimise `loss_fn(batch) -> (loss, logs)` over the parameters of
+    `optimizer`. `model` is the (accelerate-prepared) module whose gradients synchronise across processes."""
+
+    name: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    loss_fn: Callable[[Any], tuple[torch.Tensor, dict[str, Any]]]
+    max_grad_norm: float | None = 1.0
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
 
 
 @dataclass
@@ -114,50 +137,46 @@ class TrainResult:
 
 
 class Trainer:
-    """Minimises `loss_fn(batch) -> (loss, logs)` over `dataloader` batches.
+    """Runs `updates` in order on every step's batches: one Update for plain training, more for e.g. a
+    discriminator with its own optimizer (each loss is computed after the previous update's step).
 
-    `state` names every object to checkpoint besides the optimizer, scheduler and global RNGs
-    (trainable weights, EMA copies, private generators). `on_step_end` runs after each optimizer
-    step (e.g. an EMA update); `callback(step)` runs every `callback_every` steps on the main process.
+    `state` names every object to checkpoint besides the optimizers, schedulers and global RNGs
+    (trainable weights, EMA copies, private generators). `on_step_end` runs after each step whose updates were all
+    finite (e.g. an EMA update); `callback(step)` runs every `callback_every` steps on the main process.
     """
 
     def __init__(
         self,
         accelerator: Any,
-        settings: TrainerSettings,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        lr_scheduler: Any,
+        settings: LoopSettings,
+        out_dir: Path,
+        updates: list[Update],
         dataloader: Any,
-        loss_fn: Callable[[Any], tuple[torch.Tensor, dict[str, Any]]],
         state: dict[str, Stateful],
         on_step_end: Callable[[], None] | None = None,
         callback: Callable[[int], None] | None = None,
+        callback_every: int = 0,
+        description: str = "training",
         meta: dict[str, Any] | None = None,
     ):
-        self.accelerator = accelerator
-        self.settings = settings
-        self.model = model
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
-        self.dataloader = dataloader
-        self.loss_fn = loss_fn
-        self.state = {**state, "optimizer": optimizer, "lr_scheduler": lr_scheduler, "rng": GlobalRNGState()}
-        self.on_step_end = on_step_end
-        self.callback = callback
-        self.meta = meta or {}
+        self.accelerator, self.settings, self.updates, self.dataloader = accelerator, settings, updates, dataloader
+        self.out_dir, self.callback_every, self.description = Path(out_dir), callback_every, description
+        self.state = {**state, "rng": GlobalRNGState()}
+        for i, u in enumerate(updates):  # the first update's names are those of one-optimizer checkpoints
+            suffix = "" if i == 0 else f".{u.name}"
+            self.state.update({f"optimizer{suffix}": u.optimizer, f"lr_scheduler{suffix}": u.lr_scheduler})
+        self.on_step_end, self.callback, self.meta = on_step_end, callback, meta or {}
         self.step = 0
         self.nonfinite_steps = 0
         self._nan_steps = _hook_steps(NAN_HOOK, accelerator.process_index)
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
     @property
     def checkpoint_folder(self) -> Path:
-        return self.settings.out_dir / CHECKPOINT_DIR
+        return self.out_dir / CHECKPOINT_DIR
 
     def resume(self, spec: str) -> bool:
         """Load a checkpoint ('latest' or a path); False when 'latest' finds none."""
-        path = find_checkpoint(self.settings.out_dir, spec)
+        path = find_checkpoint(self.out_dir, spec)
         if path is None:
             return False
         record = load_checkpoint(path, self.state)
@@ -189,15 +208,15 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return on_main(self.accelerator, self._write_checkpoint)
 
-    def _grad_norm(self) -> torch.Tensor:
+    def _grad_norm(self, update: Update) -> torch.Tensor:
         """Total gradient norm; clips to max_grad_norm when set. Non-finite iff some gradient is."""
-        if self.settings.max_grad_norm:
-            norm = self.accelerator.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+        if update.max_grad_norm:
+            norm = self.accelerator.clip_grad_norm_(update.params, update.max_grad_norm)
             if norm is not None:  # DeepSpeed may not report it
                 return torch.as_tensor(norm)
         else:
             self.accelerator.unscale_gradients()
-        grads = [p.grad for p in self.params if p.grad is not None]
+        grads = [p.grad for p in update.params if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
     def _all_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
@@ -215,89 +234,114 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         self.accelerator.log(record, step=self.step)
         if self.accelerator.is_main_process:
-            logs = self.settings.out_dir / "logs"
+            logs = self.out_dir / "logs"
             logs.mkdir(parents=True, exist_ok=True)
             with open(logs / "train_log.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, "time": round(time.time(), 3), **record}) + "\n")
+
+    def _apply(self, update: Update, micro_batches: list[Any]) -> tuple[torch.Tensor, dict[str, Any], bool]:
+        """One update over the step's micro-batches: accumulate, clip, step (or skip when not finite)."""
+        acc, accum = self.accelerator, len(micro_batches)
+        total_loss = torch.zeros((), device=acc.device)
+        logs: dict[str, Any] = {}
+        for micro, batch in enumerate(micro_batches):
+            sync = acc.no_sync(update.model) if micro < accum - 1 else nullcontext()
+            with sync, acc.autocast():
+                loss, logs = update.loss_fn(batch)
+                if self.step + 1 in self._nan_steps:  # test hook, see the module docstring
+                    loss = loss * float("nan")
+                with record_function("train/backward"):
+                    acc.backward(loss / accum)
+            total_loss += loss.detach() / accum
+        with record_function("train/optimizer"):
+            finite = self._all_finite(total_loss, self._grad_norm(update))  # clipped when finite
+            if finite or getattr(acc, "scaler", None) is not None:
+                update.optimizer.step()  # an fp16 loss scaler skips an overflowing update itself and lowers its scale
+            update.lr_scheduler.step()  # the schedule stays a function of the step, skipped or not
+            update.optimizer.zero_grad(set_to_none=True)
+        return total_loss, logs, finite
+
+    def _train_step(self, batches: Iterator[Any]) -> tuple[dict[str, Any], bool]:
+        """Every update on this step's micro-batches; returns the losses and logs, and whether all were finite."""
+        micro_batches = []
+        for _ in range(self.settings.gradient_accumulation_steps):
+            with record_function("train/data"):
+                micro_batches.append(next(batches))
+        losses: dict[str, Any] = {}
+        all_finite = True
+        for i, update in enumerate(self.updates):
+            loss, logs, finite = self._apply(update, micro_batches)
+            losses.update({"loss" if i == 0 else f"loss_{update.name}": loss, **logs})
+            all_finite = all_finite and finite
+        if all_finite and self.on_step_end is not None:
+            with record_function("train/on_step_end"):
+                self.on_step_end()
+        return losses, all_finite
+
+    def _check_nonfinite(self, in_a_row: int, bar: Any) -> None:
+        self.nonfinite_steps += 1
+        log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in all)",
+                    self.step, in_a_row, self.nonfinite_steps)  # fmt: skip
+        self._log({"nonfinite": True, "nonfinite_steps": self.nonfinite_steps})
+        if in_a_row >= self.settings.max_nonfinite_steps:
+            bar.close()
+            raise TrainingError(
+                f"{in_a_row} consecutive steps with a non-finite loss or gradient (steps "
+                f"{self.step - in_a_row + 1}-{self.step}, all skipped): stopped at step {self.step}; the last "
+                f"good checkpoint is intact ({self.last_checkpoint()}): lower --learning-rate or check the "
+                "data, then continue with --resume latest"
+            )
+
+    def _log_step(self, losses: dict[str, Any], rate: float, bar: Any) -> float:
+        """Reduce the losses over processes (a device sync: on logging steps only) and log them with the rest."""
+        values = {k: float(self.accelerator.reduce(v, "mean")) if k.startswith("loss") else float(v)
+                  for k, v in losses.items()}  # fmt: skip
+        lr = self.updates[0].lr_scheduler.get_last_lr()[0]
+        loss = values.pop("loss")
+        self._log({"loss": loss, "lr": lr, "samples_per_s": rate, **values})
+        bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.2g}", samples_s=f"{rate:.1f}")
+        return loss
 
     def run(self) -> TrainResult:
         s, acc = self.settings, self.accelerator
         start_step, t_start = self.step, time.perf_counter()
         batches = self._batches()
-        accum = s.gradient_accumulation_steps
-        samples_per_step = s.batch_size * accum * acc.num_processes
-        bar = tqdm(total=s.max_steps, initial=self.step, desc=s.description, dynamic_ncols=True,
+        samples_per_step = s.batch_size * s.gradient_accumulation_steps * acc.num_processes
+        bar = tqdm(total=s.max_steps, initial=self.step, desc=self.description, dynamic_ncols=True,
                    disable=not (s.progress and acc.is_local_main_process))  # fmt: skip
         step_times: list[float] = []
         loss_value = None
         in_a_row = 0
-        self.model.train()
+        for update in self.updates:
+            update.model.train()
         profiler = StepProfiler(s.profile_steps, acc.device.type == "cuda") if s.profile_steps else None
         while self.step < s.max_steps:
             if profiler is not None and self.step == start_step + 1:
                 profiler.start()
             t0 = time.perf_counter()
-            total_loss = torch.zeros((), device=acc.device)
-            logs: dict[str, Any] = {}
-            for micro in range(accum):
-                with record_function("train/data"):
-                    batch = next(batches)
-                sync = acc.no_sync(self.model) if micro < accum - 1 else nullcontext()
-                with sync, acc.autocast():
-                    loss, logs = self.loss_fn(batch)
-                    if self.step + 1 in self._nan_steps:  # test hook, see the module docstring
-                        loss = loss * float("nan")
-                    with record_function("train/backward"):
-                        acc.backward(loss / accum)
-                total_loss += loss.detach() / accum
-            with record_function("train/optimizer"):
-                finite = self._all_finite(total_loss, self._grad_norm())  # clipped when finite
-                if finite or getattr(acc, "scaler", None) is not None:
-                    self.optimizer.step()  # an fp16 loss scaler skips an overflowing update itself and lowers its scale
-                self.lr_scheduler.step()  # the schedule stays a function of the step, skipped or not
-                self.optimizer.zero_grad(set_to_none=True)
-            if finite and self.on_step_end is not None:
-                with record_function("train/on_step_end"):
-                    self.on_step_end()
+            losses, finite = self._train_step(batches)
             self.step += 1
             step_times.append(time.perf_counter() - t0)
-
             in_a_row = 0 if finite else in_a_row + 1
             if not finite:
-                self.nonfinite_steps += 1
-                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in all)",
-                            self.step, in_a_row, self.nonfinite_steps)  # fmt: skip
-                self._log({"nonfinite": True, "nonfinite_steps": self.nonfinite_steps})
-                if in_a_row >= s.max_nonfinite_steps:
-                    bar.close()
-                    raise TrainingError(
-                        f"{in_a_row} consecutive steps with a non-finite loss or gradient (steps "
-                        f"{self.step - in_a_row + 1}-{self.step}, all skipped): stopped at step {self.step}; the last "
-                        f"good checkpoint is intact ({self.last_checkpoint()}): lower --learning-rate or check the "
-                        "data, then continue with --resume latest"
-                    )
+                self._check_nonfinite(in_a_row, bar)
             elif self.step % s.log_every == 0 or self.step == s.max_steps:
-                loss_value = float(acc.reduce(total_loss, "mean"))
-                lr = self.lr_scheduler.get_last_lr()[0]
                 rate = samples_per_step / statistics.median(step_times[-20:])
-                self._log(
-                    {"loss": loss_value, "lr": lr, "samples_per_s": rate, **{k: float(v) for k, v in logs.items()}}
-                )
-                bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2g}", samples_s=f"{rate:.1f}")
+                loss_value = self._log_step(losses, rate, bar)
             bar.update(1)
             if s.checkpoint_every and self.step % s.checkpoint_every == 0:
                 if finite:
                     self.save()
                 else:
                     log.warning("step %d: no checkpoint after a skipped non-finite step", self.step)
-            if self.callback is not None and s.callback_every and self.step % s.callback_every == 0:
+            if self.callback is not None and self.callback_every and self.step % self.callback_every == 0:
                 if acc.is_main_process:
                     self.callback(self.step)
                 acc.wait_for_everyone()
             if profiler is not None and profiler.running and self.step == start_step + 1 + s.profile_steps:
-                profiler.stop(step_times[-s.profile_steps :], s.out_dir / PROFILE_FILE, acc.is_main_process)
+                profiler.stop(step_times[-s.profile_steps :], self.out_dir / PROFILE_FILE, acc.is_main_process)
         if profiler is not None and profiler.running:
-            profiler.stop(step_times[1:], s.out_dir / PROFILE_FILE, acc.is_main_process)
+            profiler.stop(step_times[1:], self.out_dir / PROFILE_FILE, acc.is_main_process)
         bar.close()
         timed = step_times[1:] or step_times  # the first step pays for warm-up
         median = statistics.median(timed) if timed else None

@@ -2,10 +2,46 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-from lcmkit.distill.config import DistillConfig
 from lcmkit.errors import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    """The [optim] options."""
+
+    learning_rate: float = 1e-4
+    """Peak learning rate (the presets: 1e-6 full, 1e-4 LoRA)."""
+    lr_scheduler: str = "constant"
+    """A diffusers scheduler name: constant, constant_with_warmup, linear, cosine, ..."""
+    lr_warmup_steps: int = 0
+    """Steps of linear warm-up of the learning rate."""
+    adam_beta1: float = 0.9
+    """AdamW's beta1."""
+    adam_beta2: float = 0.999
+    """AdamW's beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW's epsilon."""
+    adam_weight_decay: float = 1e-2
+    """Weight decay (decoupled, AdamW's)."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this."""
+    use_8bit_adam: bool = False
+    """bitsandbytes' 8-bit AdamW (CUDA only)."""
+    optimizer: str = "adamw"
+    """adamw, or adafactor (torch's: factored second moments, no first moment; a fraction of AdamW's state,
+    for full LCD of large UNets in little memory)."""
+    fused_adam: bool = True
+    """torch's fused AdamW kernel where it has one (CPU and CUDA): the same update, one kernel for all tensors."""
+
+
+LR_SCHEDULERS = (
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+)  # fmt: skip
 
 
 class MatrixAdafactor(torch.optim.Adafactor):
@@ -29,8 +65,7 @@ class MatrixAdafactor(torch.optim.Adafactor):
         return has_complex
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: DistillConfig) -> torch.optim.Optimizer:
-    o = cfg.optim
+def make_optimizer(params: list[torch.nn.Parameter], o: OptimConfig) -> torch.optim.Optimizer:
     if o.optimizer == "adafactor":
         return MatrixAdafactor(params, lr=o.learning_rate, weight_decay=o.adam_weight_decay)
     kwargs = dict(lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
@@ -47,3 +82,10 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: DistillConfig) -> torc
         except RuntimeError:  # a device or dtype without the fused kernel
             pass
     return torch.optim.AdamW(params, **kwargs)
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, o: OptimConfig, max_steps: int) -> Any:
+    """diffusers' learning-rate schedule by name (--lr-scheduler), with linear warm-up."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(o.lr_scheduler, optimizer, num_warmup_steps=o.lr_warmup_steps, num_training_steps=max_steps)

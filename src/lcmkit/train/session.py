@@ -59,3 +59,16 @@ def accelerator_session(**kwargs: Any) -> Iterator[Any]:
     finally:
         accelerator.end_training()
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def gather_counts(counts: dict[str, int], accelerator: Any) -> dict[str, int]:
+    """Per-process counters summed over every process (the main process gets the total)."""
+    if accelerator.num_processes == 1:
+        return counts
+    from accelerate.utils import gather_object
+
+    total: dict[str, int] = {}
+    for part in gather_object([counts]):
+        for reason, n in part.items():
+            total[reason] = total.get(reason, 0) + n
+    return total
