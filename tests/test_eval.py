@@ -197,7 +197,7 @@ def test_initial_noise_is_the_noise_the_pipeline_draws_per_seed(tiny_sd, sampler
 
     teacher = load_teacher(ModelConfig(teacher=tiny_sd))
     if sampler == "lcm":
-        pipe = lcm_pipeline(teacher, teacher.unet)
+        pipe = lcm_pipeline(teacher, teacher.unet, 50)
     else:
         pipe = teacher_pipeline(teacher, teacher.unet, teacher_scheduler(teacher.scheduler.config, "ddim"))
     prompts = ["a red square", "a blue circle"]

@@ -72,7 +72,7 @@ def test_fused_pipeline_matches_the_unfused_lora(tiny_sd, sd_lora, tmp_path):
 def test_info_says_what_each_output_is(tiny_sd, sd_lora, tmp_path, capsys):
     import json
 
-    from lcmkit.formats.single_file import export_single_file
+    from lcmkit.families.single_file import export_single_file
 
     def info(path) -> dict:
         assert main(["info", str(path), "--json"]) == 0

@@ -8,6 +8,8 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from lcmkit.app.cli import main
 from lcmkit.errors import ConfigError
@@ -92,11 +94,18 @@ def test_an_lcm_lora_samples_on_the_ddim_grid_it_was_distilled_on(tiny_sd, shard
             "--num-ddim-timesteps", "8", "--no-progress"]  # fmt: skip
     assert main(args) == 0
     n8 = str(tmp_path / "n8")
-    style = tmp_path / "style"  # a LoRA without an lcmkit run record says nothing of the grid
+    style = tmp_path / "style"  # a LoRA made elsewhere (no lcmkit metadata, no run record) says nothing of the grid
     style.mkdir()
-    shutil.copy(f"{sd_lora}/pytorch_lora_weights.safetensors", style)
+    with safe_open(f"{sd_lora}/pytorch_lora_weights.safetensors", "pt") as f:
+        plain = {k: v for k, v in (f.metadata() or {}).items() if not k.startswith("lcmkit.")}
+    weights = load_file(f"{sd_lora}/pytorch_lora_weights.safetensors")
+    save_file(weights, style / "pytorch_lora_weights.safetensors", plain)
+    alone = tmp_path / "alone"  # the file carries its grid in its own metadata, away from its run record
+    alone.mkdir()
+    shutil.copy(f"{n8}/pytorch_lora_weights.safetensors", alone / "lcm.safetensors")
     assert timesteps(FewStepGenerator(base=tiny_sd, loras=[(sd_lora, 1.0)]).pipe) == [999, 759, 499, 259]
-    for loras in ([(n8, 1.0)], [(f"{n8}/pytorch_lora_weights.safetensors", 1.0)], [(str(style), 0.5), (n8, 1.0)]):
+    for loras in ([(n8, 1.0)], [(f"{n8}/pytorch_lora_weights.safetensors", 1.0)], [(str(style), 0.5), (n8, 1.0)],
+                  [(str(alone / "lcm.safetensors"), 1.0)]):  # fmt: skip
         gen = FewStepGenerator(base=tiny_sd, loras=loras, scheduler="tcd")
         assert timesteps(gen.pipe) == [999, 749, 499, 249], loras
     fused = fuse_lora(tiny_sd, n8, tmp_path / "fused")

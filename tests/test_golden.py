@@ -1,8 +1,9 @@
 """Nothing a run computes changes unnoticed: every golden distill run (tests/golden_runs.py) gives the recorded
 losses and weights. The runs start in a fresh interpreter (other test modules change process-wide settings such as
 torch's thread count at import, and float rounding depends on them). On the machine that recorded them (same CPU,
-threads and library versions) losses and weights must match bit for bit; elsewhere float kernels may round
-differently, so losses and weight sums must match closely."""
+threads and library versions) losses and weights must match bit for bit; on another CPU float kernels may round
+differently, so losses and weight sums must match closely. Other library versions build other tiny teachers (their
+random initialisation differs), so there the comparison is skipped with a message saying so."""
 
 from __future__ import annotations
 
@@ -27,8 +28,16 @@ def runs(tmp_path_factory) -> dict:
     return json.loads(result.read_text())
 
 
+LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate")
+
+
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
 def test_distill_matches_the_golden_run(runs, name):
+    versions = {k: runs["machine"][k] for k in LIBRARIES}
+    recorded = {k: GOLD["machine"][k] for k in LIBRARIES}
+    if versions != recorded:  # the tiny teachers' random weights themselves differ between library versions
+        pytest.skip(f"golden runs were recorded with {recorded}, this is {versions}: compare the restructured code "
+                    "with them there, or record anew with tests/golden_runs.py --write")  # fmt: skip
     got, want = runs["cases"][name], GOLD["cases"][name]
     if runs["machine"] == GOLD["machine"]:
         assert got["losses"] == want["losses"]

@@ -270,8 +270,8 @@ def test_malformed_safetensors_are_named(capsys, tiny_sd, tiny_sd_lora, shards, 
 
 def test_a_pickle_single_file_teacher_loads_only_when_allowed(tiny_sd, tmp_path):
     from lcmkit.errors import ConfigError
+    from lcmkit.families.single_file import export_single_file
     from lcmkit.families.teacher import ModelConfig, load_teacher
-    from lcmkit.formats.single_file import export_single_file
 
     single = export_single_file(tiny_sd, tmp_path / "model.safetensors")
     ckpt = tmp_path / "model.ckpt"

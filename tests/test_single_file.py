@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lcmkit.formats.single_file import LCM_COND_PROJ_KEY, export_single_file, import_single_file, unet_to_original
+from lcmkit.families.single_file import LCM_COND_PROJ_KEY, export_single_file, import_single_file, unet_to_original
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -109,14 +109,15 @@ def test_sdxl_round_trip_is_exact(tiny_sdxl, exported):
 
 @pytest.mark.parametrize("which, family", [("tiny_sd", "sd"), ("tiny_sdxl", "sdxl")])
 def test_load_teacher_reads_the_export(request, exported, which, family):
-    from lcmkit.families.teacher import ModelConfig, detect_family, load_teacher, pipeline_class
+    from lcmkit.families import get_family
+    from lcmkit.families.teacher import ModelConfig, detect_family, load_teacher
 
     folder = request.getfixturevalue(which)
     path = exported(folder)
-    assert detect_family(str(path)) == family
+    assert detect_family(str(path)).name == family
     teacher = load_teacher(ModelConfig(teacher=str(path), teacher_config=folder))
-    assert teacher.family == family and len(teacher.text_encoders) == (2 if family == "sdxl" else 1)
-    ref = pipeline_class(family).from_pretrained(folder)
+    assert teacher.family.name == family and len(teacher.text_encoders) == (2 if family == "sdxl" else 1)
+    ref = get_family(family).pipeline_class().from_pretrained(folder)
     for name, module in [("unet", teacher.unet), ("vae", teacher.vae), ("text_encoder", teacher.text_encoders[0])]:
         sa, sb = getattr(ref, name).state_dict(), module.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name

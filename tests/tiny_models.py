@@ -249,6 +249,7 @@ def make_tiny_lora(teacher: str | Path, out: str | Path, rank: int = 4) -> Path:
     LoRA config and writer, with small random B weights so that the adapter changes the UNet."""
     from diffusers import UNet2DConditionModel
 
+    from lcmkit.families import get_family
     from lcmkit.families.unet import LoraConfig, lora_config, save_lora
 
     unet = UNet2DConditionModel.from_pretrained(Path(teacher) / "unet")
@@ -260,7 +261,7 @@ def make_tiny_lora(teacher: str | Path, out: str | Path, rank: int = 4) -> Path:
             p.data.normal_(0.0, 0.02)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return save_lora(unet, "sd", out, cfg)
+    return save_lora(unet, get_family("sd"), out, cfg)
 
 
 def make_tiny_full_lcm(teacher: str | Path, out: str | Path) -> Path:

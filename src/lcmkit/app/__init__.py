@@ -1,1 +1,2 @@
-"""TODO"""
+"""The command line: parsing, one handler per command, error-to-exit-code mapping; and the serve page. Nothing
+imports it."""

@@ -254,7 +254,7 @@ def _export(args: argparse.Namespace) -> int:
     else:
         import torch
 
-        from lcmkit.formats.single_file import export_single_file
+        from lcmkit.families.single_file import export_single_file
 
         dtype = None if args.dtype == "keep" else {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
         path = export_single_file(args.input, args.out, dtype=dtype)

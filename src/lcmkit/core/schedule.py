@@ -28,7 +28,7 @@ class NoiseSchedule:
         return abar.sqrt(), (1 - abar).sqrt()
 
 
-def ddim_timesteps(num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50) -> Tensor:
+def ddim_timesteps(num_train_timesteps: int, num_ddim_timesteps: int) -> Tensor:
     """The skipping-step solver grid tau_i = (i + 1) * k - 1, i = 0..N-1, with k = T // N."""
     k = num_train_timesteps // num_ddim_timesteps
     return (torch.arange(num_ddim_timesteps) + 1) * k - 1

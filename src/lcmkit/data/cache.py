@@ -115,7 +115,7 @@ class CacheSource:
 
 def cache_settings(teacher: Any, transform: Any, dtype: str, shard_size: int, data: str) -> dict[str, Any]:
     return {
-        "format": CACHE_FORMAT, "version": CACHE_VERSION, "family": teacher.family, "teacher": teacher.source,
+        "format": CACHE_FORMAT, "version": CACHE_VERSION, "family": teacher.family.name, "teacher": teacher.source,
         "fingerprint": encoder_fingerprint(teacher.vae, teacher.text_encoders),
         "resolution": transform.resolution, "center_crop": transform.center_crop,
         "random_flip": transform.random_flip, "min_size": transform.min_size, "max_aspect": transform.max_aspect,

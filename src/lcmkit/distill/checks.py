@@ -69,7 +69,7 @@ def check_preset_family(cfg: DistillConfig) -> None:
     """Before loading anything: the preset may name a VAE for another family."""
     if not cfg.preset:
         return
-    family = cfg.model.family or detect_family(cfg.model.teacher, cfg.model.revision)
+    family = cfg.model.family or detect_family(cfg.model.teacher, cfg.model.revision).name
     meant = list_presets()[cfg.preset].get("family")
     if meant and meant != family:
         names = ", ".join(n for n, p in list_presets().items() if p.get("family") == family)
@@ -82,4 +82,4 @@ def check_cache(source: Source, teacher: Teacher, resolution: int) -> None:
     from lcmkit.data.cache import CacheSource, encoder_fingerprint
 
     if isinstance(source, CacheSource):
-        source.check_matches(teacher.family, encoder_fingerprint(teacher.vae, teacher.text_encoders), resolution)
+        source.check_matches(teacher.family.name, encoder_fingerprint(teacher.vae, teacher.text_encoders), resolution)

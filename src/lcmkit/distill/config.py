@@ -9,16 +9,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from lcmkit.data.config import DataConfig
 from lcmkit.errors import ConfigError
+from lcmkit.families import FAMILIES
 from lcmkit.families.conditioning import ConditioningSettings
 from lcmkit.families.teacher import ModelConfig
 from lcmkit.families.unet import LoraConfig, StudentSettings
@@ -278,8 +278,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ConfigError(f"--method {cfg.method!r}: choose one of {', '.join(sorted(METHODS))}")
     if not cfg.model.teacher:
         raise ConfigError("no teacher given: pass --teacher (hub id, diffusers folder or .safetensors file)")
-    if cfg.model.family not in (None, "sd", "sdxl"):
-        raise ConfigError(f"--family {cfg.model.family!r}: choose sd or sdxl")
+    if cfg.model.family is not None and cfg.model.family not in FAMILIES:
+        raise ConfigError(f"--family {cfg.model.family!r}: choose {' or '.join(FAMILIES)}")
     if not cfg.data.data:
         raise ConfigError("no data given: pass --data, e.g. --data '/shards/{00000..00099}.tar'")
     if not cfg.train.out:

@@ -139,7 +139,7 @@ def _run(
         if validator is not None and (not tr.validation_every or result.steps % tr.validation_every):
             validator(result.steps)
         record = {
-            "mode": cfg.mode, "family": teacher.family, "prediction_type": teacher.prediction_type,
+            "mode": cfg.mode, "family": teacher.family.name, "prediction_type": teacher.prediction_type,
             "uncond": encode.uncond, "command": command, "config": cfg.to_dict(), "steps": result.steps,
             "median_s_per_step": result.median_s_per_step, "samples_per_s": result.samples_per_s,
             "final_loss": result.final_loss, "nonfinite_steps": result.nonfinite_steps, "device": str(device),
@@ -150,7 +150,7 @@ def _run(
         publish(out, tr)
 
     on_main(accelerator, finish)
-    return DistillResult(out, cfg.mode, teacher.family, result, peak_rss_mb(), accelerator.is_main_process)
+    return DistillResult(out, cfg.mode, teacher.family.name, result, peak_rss_mb(), accelerator.is_main_process)
 
 
 def stream_loader(stream: SampleStream, cfg: DistillConfig) -> Any:

@@ -10,6 +10,7 @@ from lcmkit.families.teacher import Teacher
 from lcmkit.families.unet import LCDModels
 from lcmkit.infer.images import image_grid
 from lcmkit.infer.pipelines import generate, lcm_pipeline
+from lcmkit.infer.sampling import default_guidance_scale
 
 
 class Validator:
@@ -21,7 +22,7 @@ class Validator:
     def __call__(self, step: int) -> Path:
         cfg = self.cfg
         unet = self.models.student_unet
-        guidance = 8.0 if self.models.mode == "full" else 1.0
+        guidance = default_guidance_scale(self.models.mode == "full")
         pipe = lcm_pipeline(self.teacher, unet, cfg.lcd.num_ddim_timesteps)
         unet.eval()
         try:

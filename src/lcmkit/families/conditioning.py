@@ -1,19 +1,19 @@
-"""Prompts -> text conditioning, for each family. The only module that knows SD from SDXL.
-
-SD 1.x/2.x: last hidden state of the CLIP text encoder.
-SDXL: penultimate hidden states of both encoders concatenated, the pooled (projected) output of
-encoder 2, and add_time_ids = (original size, crop top-left, target size).
+"""Prompts -> text conditioning: the Conditioning a denoiser takes besides (z_t, t), and the TextConditioner that
+encodes prompts with a family's own text encoding (families/sd.py, families/sdxl.py) and, for a family with time
+ids (SDXL), add_time_ids = (original size, crop top-left, target size).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-FAMILIES = ("sd", "sdxl")
+if TYPE_CHECKING:
+    from lcmkit.families.base import Family
+
 
 
 @dataclass
@@ -75,9 +75,7 @@ def sdxl_time_ids(original_sizes: Tensor, crops_top_left: Tensor, target_size: t
 class TextConditioner:
     """Encodes prompts with the teacher's tokenizer(s) and text encoder(s)."""
 
-    def __init__(self, family: str, tokenizers: list[Any], text_encoders: list[torch.nn.Module]):
-        if family not in FAMILIES:
-            raise ValueError(f"unknown family {family!r}")
+    def __init__(self, family: Family, tokenizers: list[Any], text_encoders: list[torch.nn.Module]):
         self.family = family
         self.tokenizers = tokenizers
         self.text_encoders = text_encoders
@@ -112,27 +110,24 @@ class TextConditioner:
         crops_top_left: Tensor | None = None,
         target_size: tuple[int, int] | None = None,
     ) -> Conditioning:
-        """Prompts -> Conditioning. SDXL needs sizes (height, width) per prompt and the target size."""
-        if self.family == "sd":
-            (tokenizer,), (encoder,) = self.tokenizers, self.text_encoders
-            return Conditioning(encoder(self._token_ids(tokenizer, prompts))[0])
-        hidden, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            out = encoder(self._token_ids(tokenizer, prompts), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled = out[0]  # text_embeds of CLIPTextModelWithProjection (encoder 2)
+        """Prompts -> Conditioning. A family with time ids (SDXL) needs sizes (height, width) per prompt and the
+        target size."""
+        ids = [self._token_ids(tokenizer, prompts) for tokenizer in self.tokenizers]
+        hidden, pooled = self.family.encode_text(ids, self.text_encoders)
+        if not self.family.time_ids:
+            return Conditioning(hidden, pooled)
         if original_sizes is None or target_size is None:
-            raise ValueError("SDXL conditioning needs original sizes and a target size")
+            raise ValueError(f"{self.family.label} conditioning needs original sizes and a target size")
         if crops_top_left is None:
             crops_top_left = torch.zeros_like(original_sizes)
         time_ids = sdxl_time_ids(original_sizes, crops_top_left, target_size).to(self.device)
-        return Conditioning(torch.cat(hidden, dim=-1), pooled, time_ids)
+        return Conditioning(hidden, pooled, time_ids)
 
     def from_cache(self, batch: dict[str, Any], target_size: tuple[int, int]) -> Conditioning:
         """The conditioning of a batch read from an lcmkit cache (same values encode() gives)."""
         dtype = self.dtype
         hidden = batch["hidden_states"].to(self.device, dtype)
-        if self.family == "sd":
+        if not self.family.time_ids:
             return Conditioning(hidden)
         time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], target_size).to(self.device)
         return Conditioning(hidden, batch["pooled"].to(self.device, dtype), time_ids)

@@ -14,9 +14,11 @@ from torch import nn
 from lcmkit.core.schedule import NoiseSchedule
 from lcmkit.errors import ConfigError
 from lcmkit.errors import first_line as _first_line
+from lcmkit.families import families_text, family_of_components, get_family
+from lcmkit.families.base import Family
 from lcmkit.families.conditioning import TextConditioner
-from lcmkit.formats.safe_load import check_weights_folder, is_pickle, refuse_pickle, weights_file
 from lcmkit.runtime import dtype_kwarg
+from lcmkit.safe_load import check_weights_folder, is_pickle, refuse_pickle, weights_file
 
 
 @dataclass
@@ -34,22 +36,16 @@ class ModelConfig:
     teacher_config: str | None = None
     """For a single-file teacher: a diffusers folder or hub id holding the matching configs."""
     family: str | None = None
-    """sd or sdxl; detected from the teacher when not given."""
+    """The model family (sd, sdxl: lcmkit.families); detected from the teacher when not given."""
     allow_pickle: bool = False
     """Read pickle-based weights (.ckpt, .pt, .bin) at all; even then only with torch.load(weights_only=True)."""
-
-
-def pipeline_class(family: str) -> type:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
 
 
 @dataclass
 class Teacher:
     """The teacher's components, frozen, and where they came from."""
 
-    family: str
+    family: Family
     unet: nn.Module
     vae: nn.Module
     text_encoders: list[nn.Module]
@@ -73,7 +69,8 @@ class Teacher:
 
     def default_uncond(self) -> str:
         """The unconditional embedding the teacher's pipeline uses for an empty negative prompt."""
-        return "zeros" if self.extra.get("force_zeros_for_empty_prompt") else "empty"
+        flag = self.family.zeros_uncond_flag
+        return "zeros" if flag and self.extra.get(flag) else "empty"
 
     @property
     def vae_scaling_factor(self) -> float:
@@ -85,11 +82,11 @@ def looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~")) and not os.path.exists(spec)
 
 
-def detect_family(spec: str, revision: str | None = None) -> str:
-    """'sdxl' or 'sd' from a folder's model_index.json, a hub id's, or a single file's keys."""
+def detect_family(spec: str, revision: str | None = None) -> Family:
+    """The family of a teacher from a folder's model_index.json, a hub id's, or a single file's keys."""
     path = Path(spec).expanduser()
     if path.is_file():
-        from lcmkit.formats.single_file import file_family
+        from lcmkit.families.single_file import file_family
 
         return file_family(path)
     if path.is_dir():
@@ -105,9 +102,11 @@ def detect_family(spec: str, revision: str | None = None) -> str:
         except Exception as e:
             raise ConfigError(f"could not read teacher {spec!r} from the hub: {_first_line(e)}") from None
     name = str(info.get("_class_name", ""))
-    if "text_encoder" not in info or "unet" not in info:
-        raise ConfigError(f"teacher {spec} is a {name or 'pipeline'} without text_encoder/unet: not a SD/SDXL model")
-    return "sdxl" if "XL" in name or "text_encoder_2" in info else "sd"
+    family = family_of_components(info)
+    if family is None or "unet" not in info:
+        raise ConfigError(f"teacher {spec} is a {name or 'pipeline'} without text_encoder/unet: not a "
+                          f"{families_text()} model")  # fmt: skip
+    return family
 
 
 def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teacher:
@@ -123,17 +122,17 @@ def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teache
     elif path.is_dir():
         check_weights_folder(path, "teacher", cfg.allow_pickle)
     try:
-        family = cfg.family or detect_family(str(path) if path.is_file() else spec, cfg.revision)
+        family = get_family(cfg.family) if cfg.family else detect_family(str(path) if path.is_file() else spec,
+                                                                          cfg.revision)  # fmt: skip
     except ConfigError:
         raise
     except Exception as e:
         raise ConfigError(f"could not read teacher {spec}: {_first_line(e)}") from None
-    cls = pipeline_class(family)
+    cls = family.pipeline_class()
     # Without --allow-pickle, diffusers and transformers may read safetensors only (also from the hub).
     safetensors_only = None if cfg.allow_pickle else True
     kwargs: dict[str, Any] = dtype_kwarg(dtype)
-    if family == "sd":
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    kwargs.update({k: v for k, v in family.pipeline_kwargs.items() if k != "feature_extractor"})
     if cfg.vae:
         from diffusers import AutoencoderKL
 
@@ -151,7 +150,7 @@ def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teache
             raise ConfigError(f"could not load --vae {cfg.vae}: {_first_line(e)}") from None
     try:
         if path.is_file() and cfg.teacher_config:
-            from lcmkit.formats.single_file import import_single_file
+            from lcmkit.families.single_file import import_single_file
 
             rest = {k: v for k, v in kwargs.items() if k not in ("dtype", "torch_dtype")}
             pipe = import_single_file(path, cfg.teacher_config, family, dtype=dtype, **rest)
@@ -163,12 +162,11 @@ def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teache
             )
     except Exception as e:
         raise ConfigError(f"could not load teacher {spec}: {_first_line(e)}") from None
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    encoders = [getattr(pipe, name) for name in family.text_encoders]
+    tokenizers = [getattr(pipe, name) for name in family.tokenizers]
     for module in [pipe.unet, pipe.vae, *encoders]:
         module.requires_grad_(False)
         module.eval()
-    extra = {}
-    if family == "sdxl":
-        extra["force_zeros_for_empty_prompt"] = pipe.config.get("force_zeros_for_empty_prompt", True)
+    flag = family.zeros_uncond_flag
+    extra = {flag: pipe.config.get(flag, True)} if flag else {}
     return Teacher(family, pipe.unet, pipe.vae, encoders, tokenizers, pipe.scheduler, spec, extra)

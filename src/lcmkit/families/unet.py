@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from lcmkit.core.consistency import guidance_scale_embedding
 from lcmkit.errors import ConfigError
 from lcmkit.errors import first_line as _first_line
+from lcmkit.families.base import Family
 from lcmkit.families.conditioning import Conditioning
-from lcmkit.families.teacher import Teacher, pipeline_class
+from lcmkit.families.teacher import Teacher
 
 DEFAULT_LORA_TARGETS = [
     # attention, feed-forward, resnet convs and time embedding projection (LCM-LoRA paper setup)
@@ -225,17 +226,34 @@ def lora_state_dict(unet: nn.Module) -> dict[str, Tensor]:
     return get_peft_model_state_dict(unet)
 
 
-def save_lora(unet: nn.Module, family: str, out_dir: Path, lora: LoraConfig) -> Path:
-    """pytorch_lora_weights.safetensors that `pipe.load_lora_weights(out_dir)` loads (alpha kept in metadata)."""
+def save_lora(
+    unet: nn.Module, family: Family, out_dir: Path, lora: LoraConfig, extra: dict[str, str] | None = None
+) -> Path:
+    """pytorch_lora_weights.safetensors that `pipe.load_lora_weights(out_dir)` loads (alpha kept in metadata);
+    `extra` metadata (strings) is added to the file's header."""
     state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet).items()}
     metadata = lora_config(lora).to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])
-    pipeline_class(family).save_lora_weights(
+    family.pipeline_class().save_lora_weights(
         str(out_dir), unet_lora_layers=state, unet_lora_adapter_metadata=metadata, safe_serialization=True
     )
     path = out_dir / "pytorch_lora_weights.safetensors"
+    if extra:
+        add_metadata(path, extra)
     path.chmod(0o666 & ~current_umask())  # diffusers writes it through a private (0600) temporary file
     return path
+
+
+def add_metadata(path: Path, extra: dict[str, str]) -> None:
+    """Rewrite a safetensors file with `extra` added to its header metadata (atomically: a temporary file, renamed)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = {**(f.metadata() or {}), **extra}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(load_file(path), tmp, metadata=metadata)
+    tmp.replace(path)
 
 
 def current_umask() -> int:
@@ -245,21 +263,15 @@ def current_umask() -> int:
 
 
 def save_full_lcm(student: nn.Module, teacher: Teacher, out_dir: Path, num_ddim_timesteps: int) -> None:
-    """`unet/` plus `pipeline/`: a ready LCM pipeline folder (LatentConsistencyModelPipeline for SD,
-    StableDiffusionXLPipeline with LCMScheduler for SDXL)."""
-    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+    """`unet/` plus `pipeline/`: a ready LCM pipeline folder (the family's LCM pipeline class: for SD
+    LatentConsistencyModelPipeline, for SDXL StableDiffusionXLPipeline) with LCMScheduler on the trained grid."""
+    from diffusers import LCMScheduler
 
     student.save_pretrained(out_dir / "unet")
     scheduler = LCMScheduler.from_config(teacher.scheduler.config, original_inference_steps=num_ddim_timesteps)
-    if teacher.family == "sd":
-        pipe = LatentConsistencyModelPipeline(
-            vae=teacher.vae, text_encoder=teacher.text_encoders[0], tokenizer=teacher.tokenizers[0], unet=student,
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )  # fmt: skip
-    else:
-        pipe = pipeline_class("sdxl")(
-            vae=teacher.vae, text_encoder=teacher.text_encoders[0], text_encoder_2=teacher.text_encoders[1],
-            tokenizer=teacher.tokenizers[0], tokenizer_2=teacher.tokenizers[1], unet=student, scheduler=scheduler,
-            force_zeros_for_empty_prompt=teacher.extra.get("force_zeros_for_empty_prompt", True),
-        )  # fmt: skip
+    family = teacher.family
+    pipe = family.lcm_pipeline_class()(
+        vae=teacher.vae, unet=student, scheduler=scheduler,
+        **family.components(teacher.text_encoders, teacher.tokenizers), **family.pipeline_kwargs, **teacher.extra,
+    )  # fmt: skip
     pipe.save_pretrained(out_dir / "pipeline", safe_serialization=True)

@@ -7,9 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lcmkit.errors import ConfigError
-
-# The text width a UNet cross-attends to tells the base family apart.
-CROSS_ATTENTION_FAMILY = {768: "sd (1.x)", 1024: "sd (2.x)", 2048: "sdxl"}
+from lcmkit.families import family_of_components, family_of_cross_attention, family_of_keys, family_of_unet_config
 
 
 def safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -32,7 +30,10 @@ def _lora_info(shapes: dict[str, tuple[int, ...]], meta: dict[str, str]) -> dict
     names = [k.split(".lora")[0].removeprefix("unet.").removeprefix("lora_unet_") for k in downs]
     kinds = sorted({n.replace("_", ".").split(".")[-1] if kohya else n.split(".")[-1] for n in names})
     cross = [shapes[k][1] for k in downs if "attn2.to_k" in k or "attn2_to_k" in k]
-    family = CROSS_ATTENTION_FAMILY.get(cross[0], f"unknown (cross-attention width {cross[0]})") if cross else "unknown"
+    # The text width a UNet cross-attends to tells the base family apart.
+    family = "unknown"
+    if cross:
+        family = family_of_cross_attention(cross[0]) or f"unknown (cross-attention width {cross[0]})"
     info: dict[str, Any] = {
         "kind": "LoRA", "format": "kohya/webui" if kohya else "diffusers/peft", "modules": len(downs),
         "rank": ranks[0] if len(ranks) == 1 else ranks, "targets": kinds, "base_family": family,
@@ -59,7 +60,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         if lora is not None:
             return {"path": str(p), **lora}
         if any(k.startswith("model.diffusion_model.") for k in shapes):
-            family = "sdxl" if any(k.startswith("conditioner.embedders.1") for k in shapes) else "sd"
+            family = family_of_keys(shapes).name
             lcm = "model.diffusion_model.time_embedding.cond_proj.weight" in shapes
             return {"path": str(p), "kind": "single-file checkpoint", "family": family, "full_lcm": lcm,
                     "tensors": len(shapes)}  # fmt: skip
@@ -73,7 +74,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         sched_cfg = json.loads(sched.read_text()) if sched.is_file() else {}
         return {
             "path": str(p), "kind": "pipeline", "class": index.get("_class_name"),
-            "family": "sdxl" if "text_encoder_2" in index else "sd",
+            "family": getattr(family_of_components(index), "name", None),
             "full_lcm": unet.get("time_cond_proj_dim") is not None, "scheduler": sched_cfg.get("_class_name"),
             "prediction_type": sched_cfg.get("prediction_type", "epsilon"),
         }  # fmt: skip
@@ -82,7 +83,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         if cfg.get("_class_name") == "UNet2DConditionModel":
             return {"path": str(p), "kind": "UNet", "full_lcm": cfg.get("time_cond_proj_dim") is not None,
                     "time_cond_proj_dim": cfg.get("time_cond_proj_dim"),
-                    "family": "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd"}  # fmt: skip
+                    "family": family_of_unet_config(cfg)[0].name}  # fmt: skip
         return {"path": str(p), "kind": cfg.get("_class_name", "model folder")}
     if (p / "cache.json").is_file() or (p / "cache.progress.json").is_file():
         done = (p / "cache.json").is_file()

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lcmkit.errors import ConfigError
-from lcmkit.formats.safe_load import lora_file
+from lcmkit.safe_load import lora_file
 
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 

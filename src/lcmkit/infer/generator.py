@@ -9,13 +9,21 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lcmkit.families.teacher import pipeline_class
-from lcmkit.formats.safe_load import lora_file
+from lcmkit.families import family_of_pipeline
+from lcmkit.families.base import Family
 from lcmkit.infer.fast_vae import subpixel_vae_decoder
-from lcmkit.infer.loras import check_lora_matches, lcm_lora_ddim_timesteps
+from lcmkit.infer.loras import check_lora_matches
 from lcmkit.infer.pipelines import compile_for_inference, lcm_pipeline, run_batched
+from lcmkit.infer.sampling import (
+    DEFAULT_TCD_GAMMA,
+    LORA_GUIDANCE_SCALE,
+    TEACHER_GUIDANCE_SCALE,
+    default_guidance_scale,
+    lcm_lora_ddim_timesteps,
+)  # fmt: skip
 from lcmkit.infer.schedulers import LCM_SAMPLERS, check_tcd_gamma, few_step_scheduler, teacher_scheduler
 from lcmkit.runtime import dtype_kwarg, pick_device, pick_dtype
+from lcmkit.safe_load import lora_file
 
 
 class FewStepGenerator:
@@ -34,7 +42,7 @@ class FewStepGenerator:
         num_ddim_timesteps: int | None = None,
         allow_pickle: bool = False,
         compile: bool = False,
-        tcd_gamma: float = 0.3,
+        tcd_gamma: float = DEFAULT_TCD_GAMMA,
     ):
         from lcmkit.errors import ConfigError
         from lcmkit.families.teacher import ModelConfig, load_teacher
@@ -50,16 +58,17 @@ class FewStepGenerator:
         self.dtype = pick_dtype(dtype, self.device)
         self.full = lcm is not None
         if lcm is not None:
-            self.pipe, self.family = self._load_full(lcm, base_config, allow_pickle)
+            self.pipe, self.family_spec = self._load_full(lcm, base_config, allow_pickle)
         else:
             teacher = load_teacher(ModelConfig(teacher=base, teacher_config=base_config, allow_pickle=allow_pickle))
-            self.family = teacher.family
+            self.family_spec = teacher.family
             n = num_ddim_timesteps or lcm_lora_ddim_timesteps(loras)
             self.pipe = lcm_pipeline(teacher, teacher.unet, n)
+        self.family = self.family_spec.name
         self.adapters: list[tuple[str, float]] = []
         for i, (path, weight) in enumerate(loras):
             file = lora_file(path, allow_pickle)
-            check_lora_matches(self.pipe.unet, file, self.family)
+            check_lora_matches(self.pipe.unet, file, self.family_spec)
             name = f"lora{i}"
             self.pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
             self.adapters.append((name, weight))
@@ -79,13 +88,13 @@ class FewStepGenerator:
             compile_for_inference(self.pipe)
 
     @staticmethod
-    def _load_full(lcm: str, config: str | None = None, allow_pickle: bool = False) -> tuple[Any, str]:
+    def _load_full(lcm: str, config: str | None = None, allow_pickle: bool = False) -> tuple[Any, Family]:
         """A full LCM: a distill output folder, its pipeline/ folder, or a single .safetensors file written by
         `lcmkit export single-file` (with `config`, a diffusers folder or hub id holding the configs)."""
         from diffusers import DiffusionPipeline
 
         from lcmkit.errors import ConfigError
-        from lcmkit.formats.safe_load import check_weights_folder, weights_file
+        from lcmkit.safe_load import check_weights_folder, weights_file
 
         folder = Path(lcm).expanduser()
         if folder.is_file():
@@ -93,7 +102,7 @@ class FewStepGenerator:
             if not config:
                 raise ConfigError(f"--lcm {lcm} is a single file: pass --base-config (a diffusers folder or hub id "
                                   "of the same architecture) for its configs")  # fmt: skip
-            from lcmkit.formats.single_file import import_single_file
+            from lcmkit.families.single_file import import_single_file
 
             try:
                 pipe = import_single_file(folder, config)
@@ -111,10 +120,10 @@ class FewStepGenerator:
             )
         if getattr(pipe.unet.config, "time_cond_proj_dim", None) is None:
             raise ConfigError(f"--lcm {lcm}: its UNet has no guidance input (time_cond_proj_dim): not a full LCM")
-        family = "sdxl" if hasattr(pipe, "text_encoder_2") else "sd"
-        # One code path: the plain SD/SDXL pipelines feed guidance_scale - 1 to timestep_cond and run no CFG
-        # for such a UNet, and (unlike LatentConsistencyModelPipeline) pass TCD's gamma to the scheduler.
-        return pipeline_class(family).from_pipe(pipe), family
+        family = family_of_pipeline(pipe)
+        # One code path: the family's plain pipeline feeds guidance_scale - 1 to timestep_cond and runs no CFG for
+        # such a UNet, and (unlike LatentConsistencyModelPipeline) passes TCD's gamma to the scheduler.
+        return family.pipeline_class().from_pipe(pipe), family
 
     def set_scheduler(self, name: str) -> None:
         self.pipe.scheduler = few_step_scheduler(self.pipe.scheduler.config, name)
@@ -122,8 +131,8 @@ class FewStepGenerator:
 
     @property
     def default_guidance(self) -> float:
-        """Full LCM: the w input (diffusers' default 8.5); LCM-LoRA: 1 (no classifier-free guidance)."""
-        return 8.5 if self.full else 1.0
+        """Full LCM: the w input (diffusers' default); LCM-LoRA: 1 (no classifier-free guidance)."""
+        return default_guidance_scale(self.full)
 
     def __call__(
         self,
@@ -187,7 +196,7 @@ class FewStepGenerator:
         self,
         prompts: list[str],
         steps: int = 25,
-        guidance: float = 7.5,
+        guidance: float = TEACHER_GUIDANCE_SCALE,
         seed: int = 0,
         width: int | None = None,
         height: int | None = None,
@@ -239,7 +248,7 @@ def distilled_pipeline(
     if lora and not compile:  # compile fuses them itself
         gen.pipe.fuse_lora()
         gen.pipe.unload_lora_weights()
-    w = lcm_guidance if lcm_guidance is not None else (guidance if gen.full else 1.0)
+    w = lcm_guidance if lcm_guidance is not None else (guidance if gen.full else LORA_GUIDANCE_SCALE)
     return gen.pipe, "LCM" if gen.full else "LCM-LoRA", w
 
 

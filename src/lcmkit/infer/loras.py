@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from lcmkit.families.teacher import pipeline_class
+from lcmkit.families.base import Family
 
 
-def lora_target_modules(path: str | Path, family: str = "sd") -> dict[str, tuple[int, ...]]:
+def lora_target_modules(path: str | Path, family: Family) -> dict[str, tuple[int, ...]]:
     """UNet module name -> shape of its LoRA down (A) weight, read from a diffusers/peft LoRA file, or from a
     kohya/webui file through diffusers' own converter (the one load_lora_weights uses)."""
     from safetensors import safe_open
@@ -19,7 +19,7 @@ def lora_target_modules(path: str | Path, family: str = "sd") -> dict[str, tuple
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     if any(k.startswith(("lora_unet_", "lora_te")) for k in shapes):
         try:
-            state, _ = pipeline_class(family).lora_state_dict(str(path))
+            state, _ = family.pipeline_class().lora_state_dict(str(path))
         except Exception:  # not a LoRA diffusers can read: reported as matching nothing
             state = {}
         # its attention keys come in the old attention-processor naming: attn1.processor.to_k_lora.down.weight
@@ -37,7 +37,7 @@ def lora_target_modules(path: str | Path, family: str = "sd") -> dict[str, tuple
     return targets
 
 
-def check_lora_matches(unet: torch.nn.Module, path: str | Path, family: str) -> None:
+def check_lora_matches(unet: torch.nn.Module, path: str | Path, family: Family) -> None:
     """Refuse a LoRA that matches no UNet module, or one made for another base (shapes differ)."""
     from lcmkit.errors import ConfigError
 
@@ -48,35 +48,16 @@ def check_lora_matches(unet: torch.nn.Module, path: str | Path, family: str) -> 
     matched = [n for n in targets if n in modules]
     if not matched:
         example = next(iter(targets))
-        raise ConfigError(f"LoRA {path} matches no module of this {family.upper()} UNet (e.g. {example}): "
+        raise ConfigError(f"LoRA {path} matches no module of this {family.name.upper()} UNet (e.g. {example}): "
                           "it was made for another model")  # fmt: skip
     for name in matched:
         layer = modules[name]
         fan_in = layer.in_channels if hasattr(layer, "in_channels") else getattr(layer, "in_features", None)
         if fan_in is not None and targets[name][1] != fan_in:
-            raise ConfigError(f"LoRA {path} does not fit this {family.upper()} base ({name} expects {fan_in} inputs, "
-                              f"the LoRA has {targets[name][1]}): it was made for another family")  # fmt: skip
+            raise ConfigError(f"LoRA {path} does not fit this {family.name.upper()} base ({name} expects {fan_in} "
+                              f"inputs, the LoRA has {targets[name][1]}): it was made for another family")  # fmt: skip
 
 
-def lcm_lora_ddim_timesteps(loras: list[tuple[str, float]], default: int = 50) -> int:
-    """N, the DDIM skipping grid an lcmkit LCM-LoRA among `loras` was distilled on (its run record beside the
-    weights), else `default`. Its consistency function is trained at those N timesteps only, so LCMScheduler and
-    TCDScheduler must draw their steps from the same grid (original_inference_steps = N)."""
-    import json
-
-    for path, _ in loras:
-        p = Path(path).expanduser()
-        record = (p if p.is_dir() else p.parent) / "lcmkit_run.json"
-        try:
-            run = json.loads(record.read_text())
-        except (OSError, ValueError):
-            continue
-        if not isinstance(run, dict) or run.get("mode") != "lora":
-            continue
-        n = run.get("config", {}).get("lcd", {}).get("num_ddim_timesteps")
-        if isinstance(n, int) and n >= 1:
-            return n
-    return default
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:

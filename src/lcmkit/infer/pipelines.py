@@ -7,25 +7,22 @@ from typing import Any
 import torch
 from PIL import Image
 
-from lcmkit.families.teacher import Teacher, pipeline_class
+from lcmkit.families.teacher import Teacher
 
 
 def teacher_pipeline(teacher: Teacher, unet: torch.nn.Module, scheduler: Any) -> Any:
-    """A StableDiffusion(XL)Pipeline over the teacher's components with `unet` and `scheduler`."""
-    parts: dict[str, Any] = dict(
-        vae=teacher.vae, text_encoder=teacher.text_encoders[0], tokenizer=teacher.tokenizers[0],
-        unet=unet, scheduler=scheduler,
+    """The family's pipeline (e.g. StableDiffusionPipeline) over the teacher's components with `unet` and
+    `scheduler`."""
+    family = teacher.family
+    pipe = family.pipeline_class()(
+        vae=teacher.vae, unet=unet, scheduler=scheduler,
+        **family.components(teacher.text_encoders, teacher.tokenizers), **family.pipeline_kwargs,
     )  # fmt: skip
-    if teacher.family == "sdxl":
-        parts.update(text_encoder_2=teacher.text_encoders[1], tokenizer_2=teacher.tokenizers[1])
-    else:
-        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = pipeline_class(teacher.family)(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def lcm_pipeline(teacher: Teacher, unet: torch.nn.Module, num_ddim_timesteps: int = 50) -> Any:
+def lcm_pipeline(teacher: Teacher, unet: torch.nn.Module, num_ddim_timesteps: int) -> Any:
     """The teacher's pipeline with `unet` and LCMScheduler.
 
     A full LCM UNet (time_cond_proj_dim set) takes guidance_scale as its w input (no CFG pass);

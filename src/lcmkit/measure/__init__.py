@@ -1,1 +1,2 @@
-"""TODO"""
+"""Quality and speed: eval (metrics, reports), bench (throughput, latency, memory), system info, benchmark
+architectures."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lcmkit.errors import ConfigError
+from lcmkit.infer.sampling import TEACHER_GUIDANCE_SCALE
 from lcmkit.measure.system import machine, markdown
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ class GenerateBench:
     steps: int = 4
     teacher_steps: int = 25
     sampler: str = "dpm++"
-    guidance: float = 7.5
+    guidance: float = TEACHER_GUIDANCE_SCALE
     """The teacher's classifier-free guidance (and a full LCM's w input unless lcm_guidance is set)."""
     lcm_guidance: float | None = None
     resolution: int | None = None

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lcmkit.errors import ConfigError
+from lcmkit.infer.sampling import DEFAULT_TCD_GAMMA, TEACHER_GUIDANCE_SCALE
 from lcmkit.infer.schedulers import LCM_SAMPLERS, check_tcd_gamma, with_sampler
 
 # -- metrics ----------------------------------------------------------------------------------------------
@@ -206,8 +207,8 @@ def inception_features(path: str, device: str = "auto") -> Callable[[list[Image.
         raise ConfigError("--inception needs torchvision (pip install torchvision)") from None
     from safetensors.torch import load_file
 
-    from lcmkit.formats.safe_load import check_safetensors
     from lcmkit.runtime import pick_device
+    from lcmkit.safe_load import check_safetensors
 
     check_safetensors(path, "--inception")
     device = pick_device(device)
@@ -442,8 +443,8 @@ class EvalSettings:
     teacher_samplers: tuple[str, ...] = ("ddim", "dpm++")
     lcm_samplers: tuple[str, ...] = ("lcm",)
     """The distilled model's samplers: lcm (LCMScheduler) and/or tcd (TCDScheduler with `tcd_gamma`)."""
-    tcd_gamma: float = 0.3
-    guidance: float = 7.5
+    tcd_gamma: float = DEFAULT_TCD_GAMMA
+    guidance: float = TEACHER_GUIDANCE_SCALE
     """The teacher's classifier-free guidance scale (and a full LCM's w input unless lcm_guidance is set)."""
     lcm_guidance: float | None = None
     """Default: 1 for an LCM-LoRA (no CFG), `guidance` for a full LCM."""

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from lcmkit.errors import ConfigError
+from lcmkit.families import get_family
+from lcmkit.infer.sampling import FULL_LCM_GUIDANCE_SCALE, LCMSCHEDULER_DEFAULT_GRID, LORA_GUIDANCE_SCALE
 
 CARD = "README.md"
 
@@ -52,27 +54,27 @@ def latest_grid(out: Path) -> str | None:
 
 def usage_snippet(record: dict[str, Any], weights: str) -> str:
     """A diffusers snippet for this output; `weights` is where the LoRA or pipeline lives (a repo id or a path)."""
-    teacher, family, mode = record["config"]["model"]["teacher"], record["family"], record["mode"]
+    teacher, family, mode = record["config"]["model"]["teacher"], get_family(record["family"]), record["mode"]
     if mode == "lora":
-        pipe_cls = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+        pipe_cls = family.pipeline
         n = record["config"]["lcd"]["num_ddim_timesteps"]  # the grid it was distilled on: sample on the same one
-        grid = "" if n == 50 else f", original_inference_steps={n}"
+        grid = "" if n == LCMSCHEDULER_DEFAULT_GRID else f", original_inference_steps={n}"
         return f'''import torch
 from diffusers import {pipe_cls}, LCMScheduler
 
 pipe = {pipe_cls}.from_pretrained("{teacher}")
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config{grid})
 pipe.load_lora_weights("{weights}")
-image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=1.0).images[0]
+image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale={LORA_GUIDANCE_SCALE}).images[0]
 image.save("cat.png")'''
-    pipe_cls = "StableDiffusionXLPipeline" if family == "sdxl" else "LatentConsistencyModelPipeline"
+    pipe_cls = family.lcm_pipeline
     if Path(weights).is_dir():  # a local distill folder: the pipeline is in pipeline/ (a pushed repo has it at the top)
         weights = str(Path(weights) / "pipeline")
     return f'''import torch
 from diffusers import {pipe_cls}
 
 pipe = {pipe_cls}.from_pretrained("{weights}")  # LCMScheduler inside
-image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale=8.0).images[0]
+image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale={FULL_LCM_GUIDANCE_SCALE}).images[0]
 image.save("cat.png")'''
 
 
@@ -82,10 +84,10 @@ def model_card(out: Path, repo_id: str | None = None) -> Any:
 
     out = Path(out)
     r = _record(out)
-    cfg, teacher, family, mode = r["config"], r["config"]["model"]["teacher"], r["family"], r["mode"]
+    cfg, teacher, family, mode = r["config"], r["config"]["model"]["teacher"], get_family(r["family"]), r["mode"]
     lora = mode == "lora"
     tags = ["lcm", "latent-consistency-model", "text-to-image", "diffusers", "lcmkit",
-            "stable-diffusion-xl" if family == "sdxl" else "stable-diffusion"] + (["lora"] if lora else [])  # fmt: skip
+            family.hub_tag] + (["lora"] if lora else [])  # fmt: skip
     data = ModelCardData(
         base_model=teacher, library_name="diffusers", license=teacher_license(teacher), tags=tags,
         pipeline_tag="text-to-image", inference=True,
@@ -104,7 +106,7 @@ def model_card(out: Path, repo_id: str | None = None) -> Any:
         f"# {repo_id or out.name}",
         "",
         f"This is {what} distilled from {named} "
-        f"({'SDXL' if family == 'sdxl' else 'Stable Diffusion'}, {r.get('prediction_type', 'epsilon')} prediction) "
+        f"({family.label}, {r.get('prediction_type', 'epsilon')} prediction) "
         "with lcmkit by Latent Consistency Distillation: it generates in 2-8 "
         "steps instead of 25-50.",
         "",

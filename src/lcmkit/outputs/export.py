@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from lcmkit.errors import ConfigError
 from lcmkit.formats.kohya import DIFFUSERS_LORA
-from lcmkit.formats.safe_load import weights_file
+from lcmkit.safe_load import weights_file
 
 
 def import_kohya(
@@ -19,8 +19,8 @@ def import_kohya(
     the LoRA is loaded into `base`, then saved with peft names and its alphas in the metadata."""
     from peft.utils import get_peft_model_state_dict
 
-    from lcmkit.families.teacher import ModelConfig, load_teacher, pipeline_class
-    from lcmkit.infer.pipelines import lcm_pipeline
+    from lcmkit.families.teacher import ModelConfig, load_teacher
+    from lcmkit.infer.pipelines import teacher_pipeline
 
     src = Path(lora).expanduser()
     if not src.is_file():
@@ -31,7 +31,7 @@ def import_kohya(
     if not modules:
         raise ConfigError(f"{lora} has no kohya UNet keys (lora_unet_...)")
     teacher = load_teacher(ModelConfig(teacher=base, teacher_config=base_config, allow_pickle=allow_pickle))
-    pipe = lcm_pipeline(teacher, teacher.unet)
+    pipe = teacher_pipeline(teacher, teacher.unet, teacher.scheduler)  # only to load the LoRA into
     try:
         pipe.load_lora_weights(str(src.parent), weight_name=src.name, adapter_name="lcm")
     except Exception as e:
@@ -44,7 +44,7 @@ def import_kohya(
     config["target_modules"] = sorted(config["target_modules"])
     dst = Path(out)
     dst.mkdir(parents=True, exist_ok=True)
-    pipeline_class(teacher.family).save_lora_weights(
+    teacher.family.pipeline_class().save_lora_weights(
         str(dst), unet_lora_layers=state, unet_lora_adapter_metadata=config, safe_serialization=True
     )
     return dst / DIFFUSERS_LORA

@@ -9,6 +9,7 @@ from typing import Any
 
 from lcmkit.families.teacher import Teacher
 from lcmkit.families.unet import LCDModels, save_full_lcm, save_lora
+from lcmkit.infer.sampling import SamplingFacts
 from lcmkit.measure.system import machine, peak_rss_mb, versions
 
 RUN_RECORD = "lcmkit_run.json"
@@ -21,7 +22,8 @@ def save_weights(models: LCDModels, teacher: Teacher, out: Path, cfg: Any, unwra
     """LoRA: pytorch_lora_weights.safetensors. Full: the EMA target as `unet/` and a ready `pipeline/`, with the
     online student beside it (`unet_online/`)."""
     if cfg.mode == "lora":
-        save_lora(unwrap(models.student_unet), teacher.family, out, cfg.lora)
+        facts = SamplingFacts(cfg.lcd.num_ddim_timesteps, cfg.lcd.w_min, cfg.lcd.w_max)
+        save_lora(unwrap(models.student_unet), teacher.family, out, cfg.lora, facts.metadata())
         return
     save_full_lcm(models.target_unet, teacher, out, cfg.lcd.num_ddim_timesteps)
     unwrap(models.student_unet).save_pretrained(out / "unet_online")

@@ -24,7 +24,9 @@ from lcmkit.distill.recipe import distill
 from lcmkit.errors import ConfigError
 from lcmkit.infer.images import image_grid
 from lcmkit.infer.pipelines import initial_noise
+from lcmkit.infer.sampling import DEFAULT_TCD_GAMMA, LORA_GUIDANCE_SCALE, w_of
 from lcmkit.measure.eval import Column, sample_columns, write_report
+from lcmkit.methods.lcd import LCDSettings
 from lcmkit.runtime import dtype_kwarg
 from lcmkit.toy.world import IMAGE_SIZE, make_splits, sample_scenes
 
@@ -42,7 +44,7 @@ class DemoSettings:
     """LoRA steps of the live run: 240 keeps `make demo` within 10 minutes on a 2-core CPU (300 took 607 s)."""
     batch_size: int = 32
     learning_rate: float = 1e-4
-    num_ddim_timesteps: int = 50
+    num_ddim_timesteps: int = LCDSettings.num_ddim_timesteps
     """N of the skipping-step grid (k = 1000 / N)."""
     lora_rank: int = 32
     guidance: float = 5.0
@@ -58,7 +60,7 @@ class DemoSettings:
     shipped_steps: list[int] = field(default_factory=lambda: [2, 4])
     tcd_steps: list[int] = field(default_factory=lambda: [4])
     """Step counts of the TCD sampler columns (live and shipped model)."""
-    tcd_gamma: float = 0.3
+    tcd_gamma: float = DEFAULT_TCD_GAMMA
     teacher_steps: int = 25
     seed: int = 0
     overwrite: bool = True
@@ -112,7 +114,7 @@ def distill_config(settings: DemoSettings, teacher: str, data: str, out: Path) -
     cfg.data.data = data
     cfg.data.resolution = IMAGE_SIZE
     cfg.data.shuffle_buffer = 500
-    w = settings.guidance - 1.0
+    w = w_of(settings.guidance)
     # LoRA has no w input: it learns the teacher's ODE at the demo's guidance; a full LCM learns a range.
     cfg.lcd.w_min, cfg.lcd.w_max = (w, w) if settings.mode == "lora" else (max(w - 3.0, 0.0), w + 3.0)
     cfg.lcd.num_ddim_timesteps = settings.num_ddim_timesteps
@@ -134,7 +136,7 @@ def lora_pipeline(teacher: str, lora_dir: str | Path) -> Any:
     """The teacher with an LCM-LoRA fused in, on LCMScheduler over the DDIM grid the LoRA was distilled on."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
-    from lcmkit.infer.loras import lcm_lora_ddim_timesteps
+    from lcmkit.infer.sampling import lcm_lora_ddim_timesteps
 
     lcm = StableDiffusionPipeline.from_pretrained(teacher, **dtype_kwarg(torch.float32))
     n = lcm_lora_ddim_timesteps([(str(lora_dir), 1.0)])
@@ -170,7 +172,7 @@ def columns_for(settings: DemoSettings, base: Any, lcm: Any, shipped: Any = None
 
     teacher = base
     teacher.scheduler = teacher_scheduler(base.scheduler.config, "dpm++")
-    lcm_guidance = 1.0 if settings.mode == "lora" else settings.guidance
+    lcm_guidance = LORA_GUIDANCE_SCALE if settings.mode == "lora" else settings.guidance
     group = "teacher DPM++"
     cols = [
         Column(f"{group} {settings.teacher_steps}", group, teacher, settings.teacher_steps, settings.guidance),

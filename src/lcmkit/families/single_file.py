@@ -30,11 +30,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lcmkit.families import families_text, family_of_components, family_of_keys
+from lcmkit.families.base import Family
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
-SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
 LCM_COND_PROJ_KEY = UNET_PREFIX + "time_embedding.cond_proj.weight"
 
 _UNET_RESNET = {
@@ -260,22 +262,21 @@ def uses_open_clip(text_encoder: nn.Module) -> bool:
 
 
 def original_state_dict(
-    unet: nn.Module, vae: nn.Module, text_encoders: list[nn.Module], family: str
+    unet: nn.Module, vae: nn.Module, text_encoders: list[nn.Module], family: Family
 ) -> dict[str, Tensor]:
-    """All weights under their original (LDM / sgm) names, tensors as the modules hold them."""
-    if family not in ("sd", "sdxl"):
-        raise ValueError(f"family must be 'sd' or 'sdxl', got {family!r}")
-    if len(text_encoders) != (2 if family == "sdxl" else 1):
-        raise ValueError(f"family {family} needs {2 if family == 'sdxl' else 1} text encoder(s)")
+    """All weights under their original (LDM / sgm) names, tensors as the modules hold them. A text encoder is
+    written in OpenCLIP's layout when it is one (SD 2.x, SDXL encoder 2), else in OpenAI CLIP's; under the family's
+    sgm prefixes (SDXL) or the LDM cond_stage_model."""
+    if len(text_encoders) != len(family.text_encoders):
+        raise ValueError(f"{family.label} needs {len(family.text_encoders)} text encoder(s), got {len(text_encoders)}")
     state = _with_prefix(UNET_PREFIX, unet_to_original(unet.state_dict(), dict(_config(unet))))
     state.update(_with_prefix(VAE_PREFIX, vae_to_original(vae.state_dict(), dict(_config(vae)))))
-    if family == "sdxl":
-        state.update(_with_prefix(SDXL_TEXT_PREFIXES[0], clip_to_original(text_encoders[0].state_dict())))
-        state.update(_with_prefix(SDXL_TEXT_PREFIXES[1], clip_to_open_clip(text_encoders[1].state_dict())))
-    elif uses_open_clip(text_encoders[0]):
-        state.update(_with_prefix(SD2_TEXT_PREFIX, clip_to_open_clip(text_encoders[0].state_dict())))
-    else:
-        state.update(_with_prefix(SD1_TEXT_PREFIX, clip_to_original(text_encoders[0].state_dict())))
+    for i, encoder in enumerate(text_encoders):
+        open_clip = uses_open_clip(encoder)
+        prefixes = family.single_file_text_prefixes
+        prefix = prefixes[i] if prefixes else (SD2_TEXT_PREFIX if open_clip else SD1_TEXT_PREFIX)
+        convert = clip_to_open_clip if open_clip else clip_to_original
+        state.update(_with_prefix(prefix, convert(encoder.state_dict())))
     return state
 
 
@@ -284,7 +285,7 @@ def _load_components(folder: Path) -> dict[str, Any]:
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ValueError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    from lcmkit.formats.safe_load import check_weights_folder
+    from lcmkit.safe_load import check_weights_folder
 
     check_weights_folder(folder, "pipeline")
     index = json.loads(index_file.read_text())
@@ -317,8 +318,8 @@ def export_single_file(
 ) -> Path:
     """Write the pipeline's UNet, VAE and text encoder(s) as one original-layout .safetensors.
 
-    `pipeline_dir_or_pipe`: a diffusers SD / SDXL pipeline folder or a loaded pipeline. The family is
-    SDXL when there is a `text_encoder_2`. `dtype`: floating tensors are cast to it (None keeps them).
+    `pipeline_dir_or_pipe`: a diffusers pipeline folder or a loaded pipeline of a UNet family (told by its text
+    encoders). `dtype`: floating tensors are cast to it (None keeps them).
     """
     from safetensors.torch import save_file
 
@@ -326,8 +327,10 @@ def export_single_file(
     missing = [n for n in ("unet", "vae", "text_encoder") if n not in parts]
     if missing:
         raise ValueError(f"cannot export a {parts['_class_name'] or 'pipeline'} without {', '.join(missing)}")
-    family = "sdxl" if "text_encoder_2" in parts else "sd"
-    encoders = [parts["text_encoder"]] + ([parts["text_encoder_2"]] if family == "sdxl" else [])
+    family = family_of_components(parts)
+    if family is None:
+        raise ValueError(f"cannot export a {parts['_class_name'] or 'pipeline'}: not a {families_text()} pipeline")
+    encoders = [parts[name] for name in family.text_encoders]
     state = original_state_dict(parts["unet"], parts["vae"], encoders, family)
     out: dict[str, Tensor] = {}
     for key, t in state.items():
@@ -335,7 +338,7 @@ def export_single_file(
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         out[key] = t.contiguous()
-    metadata = {"format": "pt", "lcmkit.family": family, "lcmkit.source_class": str(parts["_class_name"])}
+    metadata = {"format": "pt", "lcmkit.family": family.name, "lcmkit.source_class": str(parts["_class_name"])}
     prediction = parts["scheduler_config"].get("prediction_type")
     if prediction:
         metadata["lcmkit.prediction_type"] = str(prediction)
@@ -348,32 +351,31 @@ def export_single_file(
     return out_path
 
 
-def file_family(path: str | Path) -> str:
-    """'sdxl' if the file holds an sgm `conditioner.embedders.1` text encoder, else 'sd'."""
+def file_family(path: str | Path) -> Family:
+    """The family of a single-file checkpoint, from its keys."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in f.keys()) else "sd"
+        return family_of_keys(f.keys())
 
 
-def _pipeline_class(config: str, family: str) -> type:
+def _pipeline_class(config: str, family: Family) -> type:
     """The config folder's own pipeline class when it matches the family and loads single files."""
     import diffusers
 
-    default = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    default = family.pipeline_class()
     index = Path(config) / "model_index.json"
     if not index.is_file():
         return default
     info = json.loads(index.read_text())
     cls = getattr(diffusers, str(info.get("_class_name", "")), None)
-    is_xl = "text_encoder_2" in info
-    if cls is None or not hasattr(cls, "from_single_file") or is_xl != (family == "sdxl"):
+    if cls is None or not hasattr(cls, "from_single_file") or family_of_components(info) != family:
         return default
     return cls
 
 
 def import_single_file(
-    path: str | Path, config: str, family: str | None = None, dtype: torch.dtype = torch.float32, **kwargs: Any
+    path: str | Path, config: str, family: Family | None = None, dtype: torch.dtype = torch.float32, **kwargs: Any
 ) -> Any:
     """Load an original-layout .safetensors with diffusers' `from_single_file`, configs from a local folder.
 
@@ -391,8 +393,9 @@ def import_single_file(
         keys = list(f.keys())
         cond_proj = f.get_tensor(LCM_COND_PROJ_KEY) if LCM_COND_PROJ_KEY in keys else None
         enc1_width = None
-        enc1_pos = SDXL_TEXT_PREFIXES[0] + "text_model.embeddings.position_embedding.weight"
-        if family == "sdxl" and enc1_pos in keys:
+        prefixes = family.single_file_text_prefixes
+        enc1_pos = prefixes[0] + "text_model.embeddings.position_embedding.weight" if len(prefixes) > 1 else None
+        if enc1_pos in keys:
             enc1_width = f.get_slice(enc1_pos).get_shape()[-1]
     if cond_proj is not None and "unet" not in kwargs:
         from diffusers import UNet2DConditionModel
@@ -405,8 +408,8 @@ def import_single_file(
         if unet.dtype != dtype:
             unet.to(dtype)
         kwargs["unet"] = unet
-    if family == "sdxl" and "text_encoder_2" not in kwargs:
-        encoder_2 = _sdxl_encoder_2_if_ambiguous(path, config, keys, enc1_width, dtype)
+    if len(prefixes) > 1 and "text_encoder_2" not in kwargs:
+        encoder_2 = _sdxl_encoder_2_if_ambiguous(path, config, keys, enc1_width, prefixes[1], dtype)
         if encoder_2 is not None:
             kwargs["text_encoder_2"] = encoder_2
     from lcmkit.runtime import dtype_kwarg
@@ -415,7 +418,7 @@ def import_single_file(
 
 
 def _sdxl_encoder_2_if_ambiguous(
-    path: str, config: str, keys: list[str], enc1_width: int | None, dtype: torch.dtype
+    path: str, config: str, keys: list[str], enc1_width: int | None, prefix: str, dtype: torch.dtype
 ) -> nn.Module | None:
     """diffusers picks SDXL encoder 2's weights by width; with equal widths load it from embedders.1 only."""
     import transformers
@@ -431,7 +434,6 @@ def _sdxl_encoder_2_if_ambiguous(
         return None
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 
-    prefix = SDXL_TEXT_PREFIXES[1]
     with safe_open(path, "pt") as f:
         checkpoint = {k: f.get_tensor(k) for k in keys if k.startswith(prefix)}
     cls = getattr(transformers, entry[1])

@@ -1,0 +1,67 @@
+"""What lcmkit knows of a model family, as one object per family (families/sd.py, families/sdxl.py).
+
+Nothing outside families/ compares family names: code elsewhere asks the family object for its pipeline classes,
+component names, conditioning and file layouts. A new family is one module here and one line in
+families/__init__.py (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+TextEncode = Callable[[list[Tensor], list[nn.Module]], tuple[Tensor, Tensor | None]]
+"""(token ids per tokenizer, text encoders) -> (hidden states the UNet cross-attends to, pooled embedding or None)."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    """Its name in configs, run records and caches: sd, sdxl."""
+    label: str
+    """For people: Stable Diffusion, SDXL."""
+    hub_tag: str
+    """The model-card tag of its models."""
+    pipeline: str
+    """The diffusers pipeline class of a teacher (and of a base with an LCM-LoRA)."""
+    lcm_pipeline: str
+    """The diffusers pipeline class a full LCM's pipeline/ folder is saved as."""
+    text_encoders: tuple[str, ...]
+    """Pipeline component names of its text encoders, in order; tokenizers are named alike (tokenizer, ...)."""
+    encode_text: TextEncode
+    """Its text conditioning (see TextEncode)."""
+    time_ids: bool = False
+    """Whether the UNet is micro-conditioned on sizes and crop (SDXL's add_time_ids)."""
+    pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """Fixed constructor arguments of its pipelines (e.g. no safety checker)."""
+    zeros_uncond_flag: str | None = None
+    """The pipeline config entry that makes its empty prompt an all-zeros embedding, if it has one."""
+    single_file_marker: str | None = None
+    """A key prefix only its single-file checkpoints hold."""
+    single_file_text_prefixes: tuple[str, ...] = ()
+    """Where its text encoders live in a single-file checkpoint (sgm layout); empty: the LDM cond_stage_model."""
+    unet_marker: Mapping[str, Any] = field(default_factory=dict)
+    """UNet config entries only its UNets have."""
+    cross_attention: Mapping[int, str] = field(default_factory=dict)
+    """UNet cross-attention width -> the version it tells apart (e.g. 768: 1.x)."""
+
+    @property
+    def tokenizers(self) -> tuple[str, ...]:
+        return tuple(name.replace("text_encoder", "tokenizer") for name in self.text_encoders)
+
+    def pipeline_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.pipeline)
+
+    def lcm_pipeline_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.lcm_pipeline)
+
+    def components(self, text_encoders: list[nn.Module], tokenizers: list[Any]) -> dict[str, Any]:
+        """The text encoders and tokenizers under their pipeline component names."""
+        return {**dict(zip(self.text_encoders, text_encoders)), **dict(zip(self.tokenizers, tokenizers))}

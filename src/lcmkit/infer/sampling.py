@@ -1,0 +1,92 @@
+"""How a distilled model samples: the guidance defaults, TCD's gamma, the one conversion between the LCM paper's w
+and diffusers' guidance_scale, and the sampling facts an LCM-LoRA carries in its own file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lcmkit.methods.lcd import LCDSettings
+
+TEACHER_GUIDANCE_SCALE = 7.5
+"""The teacher's classifier-free guidance scale when none is given (diffusers' Stable Diffusion default)."""
+FULL_LCM_GUIDANCE_SCALE = 8.5
+"""A full LCM's guidance_scale when none is given: diffusers' LatentConsistencyModelPipeline default (w = 7.5)."""
+LORA_GUIDANCE_SCALE = 1.0
+"""An LCM-LoRA's guidance_scale: 1 runs no classifier-free guidance pass (the LoRA learned the guided ODE)."""
+DEFAULT_TCD_GAMMA = 0.3
+"""TCDScheduler's gamma (passed as eta) when none is given: the TCD paper's default."""
+LCMSCHEDULER_DEFAULT_GRID = 50
+"""diffusers' LCMScheduler original_inference_steps default: a model on another grid must say so."""
+METADATA_PREFIX = "lcmkit."
+
+
+def guidance_scale(w: float) -> float:
+    """diffusers' guidance_scale of the LCM paper's w: w + 1. The paper guides as cond + w (cond - uncond) (eq. 7),
+    diffusers as uncond + s (cond - uncond), so s = w + 1; LatentConsistencyModelPipeline embeds s - 1 = w."""
+    return w + 1.0
+
+
+def w_of(guidance_scale: float) -> float:
+    """The LCM paper's w of a diffusers guidance_scale (the inverse of guidance_scale())."""
+    return guidance_scale - 1.0
+
+
+def default_guidance_scale(full: bool) -> float:
+    return FULL_LCM_GUIDANCE_SCALE if full else LORA_GUIDANCE_SCALE
+
+
+@dataclass(frozen=True)
+class SamplingFacts:
+    """What sampling a distilled LCM-LoRA must know of its training."""
+
+    num_ddim_timesteps: int = LCDSettings.num_ddim_timesteps
+    """N of the DDIM grid it was distilled on: LCMScheduler/TCDScheduler need original_inference_steps = N."""
+    w_min: float | None = None
+    """The trained guidance range (the LCM paper's w), when known."""
+    w_max: float | None = None
+
+    def metadata(self) -> dict[str, str]:
+        """As safetensors metadata (strings)."""
+        return {METADATA_PREFIX + k: json.dumps(v) for k, v in asdict(self).items() if v is not None}
+
+
+def sampling_facts(path: str | Path) -> SamplingFacts | None:
+    """The sampling facts of an lcmkit LCM-LoRA (a file or its folder): from its safetensors metadata, or for a LoRA
+    made before the file carried them from the run record beside it; None for any other LoRA."""
+    from safetensors import safe_open
+
+    p = Path(path).expanduser()
+    file = p / "pytorch_lora_weights.safetensors" if p.is_dir() else p
+    try:
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata() or {}
+        facts = {k.removeprefix(METADATA_PREFIX): json.loads(v) for k, v in meta.items()
+                 if k.startswith(METADATA_PREFIX) and k.removeprefix(METADATA_PREFIX) in SamplingFacts.__annotations__}
+    except Exception:  # not a readable safetensors file: it is checked (with a clear message) where it is loaded
+        facts = {}
+    if isinstance(facts.get("num_ddim_timesteps"), int) and facts["num_ddim_timesteps"] >= 1:
+        return SamplingFacts(**facts)
+    try:
+        run = json.loads((file.parent / "lcmkit_run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(run, dict) or run.get("mode") != "lora":
+        return None
+    lcd = run.get("config", {}).get("lcd", {})
+    n = lcd.get("num_ddim_timesteps")
+    if not (isinstance(n, int) and n >= 1):
+        return None
+    return SamplingFacts(n, lcd.get("w_min"), lcd.get("w_max"))
+
+
+def lcm_lora_ddim_timesteps(loras: list[tuple[str, float]]) -> int:
+    """N, the DDIM skipping grid an lcmkit LCM-LoRA among `loras` was distilled on, else LCD's default. Its
+    consistency function is trained at those N timesteps only, so LCMScheduler and TCDScheduler must draw their
+    steps from the same grid (original_inference_steps = N)."""
+    for path, _ in loras:
+        facts = sampling_facts(path)
+        if facts is not None:
+            return facts.num_ddim_timesteps
+    return SamplingFacts.num_ddim_timesteps
