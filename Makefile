@@ -9,13 +9,14 @@ STAMP := $(VENV)/.installed
 .PHONY: venv test demo lint clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
+	@echo "lcmkit: first-time set-up of $(VENV) (about 2 minutes): torch (CPU), then lcmkit and its libraries"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints-cpu.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[dev]'
+	$(BIN)/pip install --progress-bar on -c constraints-cpu.txt torch==2.13.0 | grep -v "^Requirement already" || true
+	$(BIN)/pip install --progress-bar on -c constraints-cpu.txt -e '.[dev]' | grep -E "^(Collecting|Installing|Successfully)" || true
 	# only the CLIP BPE vocabulary file of this wheel is used (it would pull torchvision otherwise)
 	$(BIN)/pip install -q --no-deps open_clip_torch
-	touch $(STAMP)
+	$(BIN)/python -c "import lcmkit, torch, diffusers" && touch $(STAMP)
 
 venv: $(STAMP)
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from tiny_models import make_shards
 
-from lcmkit.data import ImageTransform, SampleStream, expand_shards, resolve_data
+from lcmkit.data import ImageTransform, SampleStream, expand_shards, resolve_data, summarize_skips
 from lcmkit.errors import ConfigError
 
 
@@ -277,4 +277,7 @@ def test_a_shard_failing_mid_stream_is_reported_and_the_rest_is_read(tmp_path):
     ds = SampleStream(resolve_data(spec), ImageTransform(64), max_epochs=1)
     items = list(ds)
     assert 8 <= len(items) < 12  # both good shards, and what could be read of the broken one
-    assert ds.skipped.get("unreadable shard data", 0) >= 1
+    assert ds.skipped.get("shard cut short or unreadable") == 1
+    summary = summarize_skips(ds.skipped)
+    assert summary.startswith("1 shard cut short or unreadable (the rest of it was not read)"), summary
+    assert "sample" not in summary  # a cut shard is one shard, not "1 sample skipped"

@@ -78,7 +78,7 @@ def test_info_says_what_each_output_is(tiny_sd, sd_lora, tmp_path, capsys):
         assert main(["info", str(path), "--json"]) == 0
         return json.loads(capsys.readouterr().out)
 
-    lora = info(sd_lora)
+    lora = info(f"{sd_lora}/pytorch_lora_weights.safetensors")  # the folder is a run: see the next test
     assert lora["kind"] == "LoRA" and lora["format"] == "diffusers/peft" and lora["rank"] == 4 and lora["alpha"] == 8
     assert "to_q" in lora["targets"] and "conv1" in lora["targets"]
     assert lora["base_family"] == "unknown (cross-attention width 32)"  # the tiny teacher's text width
@@ -138,3 +138,35 @@ def test_sdxl_kohya_export_loads_in_diffusers_to_the_same_image(tiny_sdxl, shard
     with safe_open(str(kohya), "pt") as f:
         assert all(k.startswith("lora_unet_") for k in f.keys())
     np.testing.assert_allclose(image(pipe_with(str(kohya))), reference, atol=1e-4)
+
+
+def test_info_shows_a_run_an_image_and_whole_target_names(tiny_sd, shards, sd_lora, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from lcmkit.formats.info import describe, target_name
+
+    assert target_name("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0") == "to_out.0"
+    assert target_name("down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2") == "ff.net.2"
+    assert target_name("down_blocks.0.downsamplers.0.conv") == "downsamplers.0.conv"
+    assert target_name("down_blocks_0_resnets_0_conv1", kohya=True) == "conv1"
+    targets = describe(f"{sd_lora}/pytorch_lora_weights.safetensors")["targets"]
+    assert not {"0", "2", "conv"} & set(targets) and {"to_out.0", "ff.net.2"} <= set(targets)
+
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", tiny_sd, "--data", shards, "--out", str(out), "--max-steps", "2", "--batch-size",
+            "2", "--resolution", "64", "--lora-rank", "4", "--num-ddim-timesteps", "8", "--w-min", "2", "--w-max",
+            "6", "--no-progress", "--log-every", "1"]  # fmt: skip
+    assert main(args) == 0
+    run = describe(out)
+    assert run["kind"] == "lcmkit run" and run["mode"] == "lora" and run["teacher"] == tiny_sd and run["steps"] == 2
+    assert run["num_ddim_timesteps"] == 8 and run["w_range"] == "2-6" and run["final_loss"] > 0
+    assert run["weights"].startswith("pytorch_lora_weights.safetensors: LoRA rank 4")
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    capsys.readouterr()
+    assert main(["info", str(image), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["kind"] == "image" and shown["size"] == "8x8" and "pickle" not in json.dumps(shown)

@@ -243,3 +243,17 @@ def test_subpixel_upsample_equals_nearest_upsample_then_conv(tiny_sd):
         a, b = vae.decode(z).sample, swapped.decode(z).sample
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert FewStepGenerator(base=tiny_sd).subpixel_upsamplers > 0  # generate, serve and bench use it on a CPU
+
+
+def test_a_lora_folder_without_weights_says_what_is_missing(tmp_path):
+    from lcmkit.safe_load import lora_file
+
+    empty = tmp_path / "run"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="holds no pytorch_lora_weights.safetensors .it has no .safetensors file"):
+        lora_file(empty)
+    (empty / "style.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="it has style.safetensors: give that file instead"):
+        lora_file(empty)
+    with pytest.raises(ConfigError, match="does not exist"):
+        lora_file(tmp_path / "absent")

@@ -101,3 +101,6 @@ def test_sigkill_at_three_moments_then_resume_matches_an_uninterrupted_run(tiny_
     assert any((want[k] - torch.zeros_like(want[k])).abs().max() > 0 for k in want if "lora_B" in k)
     log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in log) == STEPS
+    # steps a killed attempt logged past its last checkpoint were dropped on resume: each step logged once
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, STEPS + 1))
+    assert "resumed at step 6 from" in (tmp_path / "4.log").read_text()  # said without -v

@@ -59,3 +59,11 @@ def test_preset_runs_and_refuses_the_wrong_family(tiny_sd, tiny_sdxl, shards, tm
     err = capsys.readouterr().err
     assert "--preset sdxl-lora is for SDXL teachers" in err and "use one of sd15-full, sd15-lora, sd21-lora" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_wrong_family_preset_is_reported_before_what_the_preset_needs(tiny_sd, shards, tmp_path, capsys):
+    """The SDXL preset asks for fp16 (CUDA only): on a CPU with an SD teacher the family mismatch is what to fix."""
+    args = ["distill", "--preset", "sdxl-lora", "--teacher", tiny_sd, "--data", shards, "--out", str(tmp_path / "x")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--preset sdxl-lora is for SDXL teachers" in err and "fp16" not in err

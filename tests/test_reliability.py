@@ -305,3 +305,28 @@ def test_bench_soak_summary_measures_growth_after_the_reference_step():
                      "median_s_per_step": 0.1})  # fmt: skip
     assert (r["rss_at_step_mb"], r["rss_end_mb"], r["end_step"]) == (400.0, 420.0, 990)
     assert r["growth_pct"] == pytest.approx(5.0) and r["max_rss_after_mb"] == 420.0
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """Steps logged after the checkpoint a run resumes from are run again: the log keeps them once."""
+    from lcmkit.train.loop import LoopSettings, Trainer, Update
+    from lcmkit.train.session import accelerator_session
+
+    def run(resume: str | None) -> None:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        batches = [{"x": torch.randn(2, 4, generator=torch.Generator().manual_seed(i))} for i in range(100)]
+        with accelerator_session(cpu=True) as acc:
+            update = Update("model", model, optimizer, scheduler, lambda b: (model(b["x"]).pow(2).mean(), {}))
+            trainer = Trainer(acc, LoopSettings(max_steps=4, batch_size=2, checkpoint_every=2, log_every=1,
+                                                progress=False), tmp_path, [update], batches, state={"model": model})
+            if resume:
+                trainer.resume(resume)
+            trainer.run()
+
+    run(None)
+    run(str(tmp_path / "checkpoints" / "checkpoint-00000002"))  # as after a kill between steps 2 and 4
+    steps = [json.loads(line)["step"] for line in (tmp_path / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

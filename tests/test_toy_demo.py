@@ -22,7 +22,7 @@ def make_toy_teacher(path) -> str:
     return str(path)
 
 
-def test_quick_demo_writes_grid_table_and_plot(tmp_path, capsys):
+def test_quick_demo_writes_grid_table_and_plot(tmp_path, capsys, monkeypatch):
     teacher = make_toy_teacher(tmp_path / "teacher")
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--teacher", teacher, "--out", str(out)]) == 0
@@ -37,6 +37,7 @@ def test_quick_demo_writes_grid_table_and_plot(tmp_path, capsys):
     assert grid.width >= 6 * 96 and grid.height >= 2 * 96
     assert Image.open(out / "quality.png").width > 300
     assert "| LCM 4 | 4 |" in (out / "metrics.md").read_text()
+    assert "- s/image: wall-clock seconds per image" in (out / "metrics.md").read_text()  # the table's legend
 
     # a fully distilled LCM-LoRA (here: the run above's) is shown beside a new live run, labelled as such
     again = tmp_path / "demo2"
@@ -55,6 +56,25 @@ def test_quick_demo_writes_grid_table_and_plot(tmp_path, capsys):
     for metric in ("prompt_accuracy", "probe_fd"):  # same LoRA, prompts and noise as the first run's LCM 4
         assert abs(columns["shipped LCM 4"][metric] - first["LCM 4"][metric]) < 1e-6
         assert abs(columns["shipped TCD 4"][metric] - first["LCM TCD 4"][metric]) < 1e-6
+
+    # a re-run interrupted while distilling leaves the previous run as it was (no half-old, half-empty folder)
+    import lcmkit.toy.demo
+
+    weights = (out / "lcm-lora" / "pytorch_lora_weights.safetensors").read_bytes()
+
+    def interrupted(cfg, command=""):
+        from pathlib import Path
+
+        Path(cfg.train.out).mkdir(parents=True)
+        (Path(cfg.train.out) / "pytorch_lora_weights.safetensors").write_bytes(b"half written")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lcmkit.toy.demo, "distill", interrupted)
+    assert main(["demo", "--quick", "--teacher", teacher, "--out", str(out)]) == 130
+    assert (out / "lcm-lora" / "pytorch_lora_weights.safetensors").read_bytes() == weights
+    assert json.loads((out / "lcm-lora" / "lcmkit_run.json").read_text())["config"]["train"]["out"] == str(
+        out / "lcm-lora"
+    )  # the finished run's record names the folder it was swapped into
 
 
 def test_demo_without_teacher_says_what_to_do(tmp_path, capsys):

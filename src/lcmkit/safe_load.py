@@ -115,6 +115,10 @@ def lora_file(path: str | Path, allow_pickle: bool = False) -> Path:
 
     p = Path(path).expanduser()
     if p.is_dir():
+        found = sorted(f.name for f in p.glob("*.safetensors"))
+        if not (p / "pytorch_lora_weights.safetensors").is_file():
+            hint = f"it has {', '.join(found[:3])}: give that file instead" if found else "it has no .safetensors file"
+            raise ConfigError(f"LoRA folder {path} holds no pytorch_lora_weights.safetensors ({hint})")
         p = p / "pytorch_lora_weights.safetensors"
     if not p.is_file():
         raise ConfigError(f"LoRA {path} does not exist (give a .safetensors file or a folder holding "

@@ -18,3 +18,8 @@ class Source(Protocol):
     def units(self) -> list[str]: ...
 
     def read(self, unit: str, skip: Skip) -> Iterator[dict[str, Any]]: ...
+
+
+SHARD_CUT_SHORT = "shard cut short or unreadable"
+"""The skip reason of a whole unit that could not be read to its end: counted per shard, not per sample."""
+UNIT_REASONS = (SHARD_CUT_SHORT,)

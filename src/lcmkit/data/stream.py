@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lcmkit.data.base import Source
+from lcmkit.data.base import UNIT_REASONS, Source
 from lcmkit.data.transforms import MAX_PIXELS, ImageTooLarge, ImageTransform, open_image
 
 log = logging.getLogger(__name__)
@@ -168,9 +168,20 @@ class SkipTally:
 
 
 def summarize_skips(counts: dict[str, int]) -> str:
-    if not counts:
-        return "no sample skipped"
-    return f"{sum(counts.values())} samples skipped (" + ", ".join(f"{n} {r}" for r, n in sorted(counts.items())) + ")"
+    """'3 samples skipped (2 corrupt image, 1 missing caption); 1 shard cut short or unreadable (the rest of it was
+    not read)': samples and whole units counted apart."""
+    samples = {r: n for r, n in counts.items() if r not in UNIT_REASONS}
+    parts = []
+    if samples:
+        n = sum(samples.values())
+        parts.append(f"{n} sample{'s' * (n != 1)} skipped (" + ", ".join(f"{k} {r}" for r, k in sorted(samples.items()))
+                     + ")")  # fmt: skip
+    for reason in UNIT_REASONS:
+        if counts.get(reason):
+            n = counts[reason]
+            parts.append(f"{n} {reason.replace('shard', 'shards' if n > 1 else 'shard', 1)} (the rest of "
+                         f"{'them' if n > 1 else 'it'} was not read)")  # fmt: skip
+    return "; ".join(parts) or "no sample skipped"
 
 
 def make_dataloader(dataset: SampleStream, batch_size: int, num_workers: int = 0) -> DataLoader:

@@ -11,7 +11,7 @@ from typing import Any
 import braceexpand
 from webdataset.tariterators import tarfile_samples
 
-from lcmkit.data.base import Skip
+from lcmkit.data.base import SHARD_CUT_SHORT, Skip
 from lcmkit.errors import ConfigError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -76,7 +76,7 @@ class WdsSource:
 
     def read(self, unit: str, skip: Skip) -> Iterator[dict[str, Any]]:
         def handler(exn: Exception) -> bool:  # a shard failing mid-stream is reported, the run goes on
-            skip("unreadable shard data", f"{unit}: {exn!r}"[:300])
+            skip(SHARD_CUT_SHORT, f"{unit}: {exn!r}"[:300])
             return True
 
         for sample in tarfile_samples([{"url": unit}], handler=handler):

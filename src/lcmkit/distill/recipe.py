@@ -59,11 +59,11 @@ class DistillResult:
 def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
     """Run a distillation end to end. Raises ConfigError on bad input before any heavy work."""
     validate(cfg)
+    check_preset_family(cfg)  # first: a preset for another family also asks for what this machine may not have
     check_environment(cfg)
     source = resolve_data(cfg.data.data, cfg.data.image_column, cfg.data.caption_column)
     out = prepare_out_dir(cfg)
     t_start = time.perf_counter()
-    check_preset_family(cfg)
     tracker = None if cfg.train.report_to == "none" else cfg.train.report_to
     with (
         accelerator_session(mixed_precision=cfg.train.mixed_precision, log_with=tracker,

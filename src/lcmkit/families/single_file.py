@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lcmkit.errors import ConfigError
 from lcmkit.families import families_text, family_of_components, family_of_keys
 from lcmkit.families.base import Family
 
@@ -283,8 +284,10 @@ def original_state_dict(
 def _load_components(folder: Path) -> dict[str, Any]:
     """unet, vae, text_encoder(s) and the scheduler config of a diffusers pipeline folder (nothing else)."""
     index_file = folder / "model_index.json"
+    if not folder.exists():
+        raise ConfigError(f"{folder} does not exist: give a diffusers pipeline folder (e.g. a full LCM's pipeline/)")
     if not index_file.is_file():
-        raise ValueError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+        raise ConfigError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
     from lcmkit.safe_load import check_weights_folder
 
     check_weights_folder(folder, "pipeline")
@@ -326,10 +329,10 @@ def export_single_file(
     parts = _components(pipeline_dir_or_pipe)
     missing = [n for n in ("unet", "vae", "text_encoder") if n not in parts]
     if missing:
-        raise ValueError(f"cannot export a {parts['_class_name'] or 'pipeline'} without {', '.join(missing)}")
+        raise ConfigError(f"cannot export a {parts['_class_name'] or 'pipeline'} without {', '.join(missing)}")
     family = family_of_components(parts)
     if family is None:
-        raise ValueError(f"cannot export a {parts['_class_name'] or 'pipeline'}: not a {families_text()} pipeline")
+        raise ConfigError(f"cannot export a {parts['_class_name'] or 'pipeline'}: not a {families_text()} pipeline")
     encoders = [parts[name] for name in family.text_encoders]
     state = original_state_dict(parts["unet"], parts["vae"], encoders, family)
     out: dict[str, Tensor] = {}

@@ -6,8 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lcmkit.errors import ConfigError
+from lcmkit.errors import ConfigError, first_line
 from lcmkit.families import family_of_components, family_of_cross_attention, family_of_keys, family_of_unet_config
+from lcmkit.families.unet import DEFAULT_LORA_TARGETS
+from lcmkit.safe_load import PICKLE_SUFFIXES
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -28,7 +32,7 @@ def _lora_info(shapes: dict[str, tuple[int, ...]], meta: dict[str, str]) -> dict
         return None
     ranks = sorted({shapes[k][0] for k in downs})
     names = [k.split(".lora")[0].removeprefix("unet.").removeprefix("lora_unet_") for k in downs]
-    kinds = sorted({n.replace("_", ".").split(".")[-1] if kohya else n.split(".")[-1] for n in names})
+    kinds = sorted({target_name(n, kohya=bool(kohya)) for n in names})
     cross = [shapes[k][1] for k in downs if "attn2.to_k" in k or "attn2_to_k" in k]
     # The text width a UNet cross-attends to tells the base family apart.
     family = "unknown"
@@ -47,24 +51,93 @@ def _lora_info(shapes: dict[str, tuple[int, ...]], meta: dict[str, str]) -> dict
     return info
 
 
+def target_name(module: str, kohya: bool = False) -> str:
+    """The LoRA target a module name ends in ('...attn1.to_out.0' -> 'to_out.0', '...resnets.0.conv1' -> 'conv1'):
+    the longest known target, else the module's own name (with its index when it ends in one)."""
+    sep = "_" if kohya else "."
+    forms = {t: t.replace(".", sep) for t in DEFAULT_LORA_TARGETS}
+    known = [t for t, form in forms.items() if module == form or module.endswith(sep + form)]
+    if known:
+        return max(known, key=len)
+    parts = module.split(sep)
+    return ".".join(parts[-2:]) if len(parts) > 1 and parts[-1].isdigit() else parts[-1]
+
+
+def _file(p: Path, path: str | Path) -> dict[str, Any]:
+    if p.suffix.lower() in IMAGE_SUFFIXES:
+        return _image(p)
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise ConfigError(f"{path}: a pickle-based weights file; lcmkit info does not open those (unpickling can run "
+                          "code): convert it to .safetensors first")  # fmt: skip
+    if p.suffix != ".safetensors":
+        raise ConfigError(f"{path}: not a .safetensors file, an image or a folder lcmkit knows")
+    shapes, meta = safetensors_header(p)
+    lora = _lora_info(shapes, meta)
+    if lora is not None:
+        return {"path": str(p), **lora}
+    if any(k.startswith("model.diffusion_model.") for k in shapes):
+        lcm = "model.diffusion_model.time_embedding.cond_proj.weight" in shapes
+        return {"path": str(p), "kind": "single-file checkpoint", "family": family_of_keys(shapes).name,
+                "full_lcm": lcm, "tensors": len(shapes)}  # fmt: skip
+    return {"path": str(p), "kind": "safetensors file", "tensors": len(shapes)}
+
+
+def _image(p: Path) -> dict[str, Any]:
+    """An image: its size, and the generation parameters lcmkit generate stores in a PNG."""
+    from PIL import Image
+
+    try:
+        with Image.open(p) as image:
+            size, text = image.size, dict(getattr(image, "text", {}) or {})
+    except Exception as e:
+        raise ConfigError(f"{p}: not a readable image ({first_line(e)})") from None
+    info: dict[str, Any] = {"path": str(p), "kind": "image", "size": f"{size[0]}x{size[1]}"}
+    try:
+        info.update(json.loads(text["lcmkit"]))
+    except (KeyError, ValueError):
+        info["generated_by"] = "not lcmkit (no generation parameters in it)"
+    return info
+
+
+def _run(p: Path) -> dict[str, Any]:
+    """A distill output folder: what was distilled, how, and how far it got."""
+    run = json.loads((p / "lcmkit_run.json").read_text()) if (p / "lcmkit_run.json").is_file() else {}
+    cfg = run.get("config", {})
+    lcd, latest = cfg.get("lcd", {}), p / "checkpoints" / "latest"
+    info = {"path": str(p), "kind": "lcmkit run" if run else "unfinished lcmkit run", "mode": run.get("mode"),
+            "family": run.get("family"), "teacher": cfg.get("model", {}).get("teacher"), "steps": run.get("steps"),
+            "num_ddim_timesteps": lcd.get("num_ddim_timesteps"),
+            "w_range": f"{lcd['w_min']:g}-{lcd['w_max']:g}" if "w_min" in lcd else None,
+            "final_loss": run.get("final_loss"),
+            "latest_checkpoint": latest.read_text().strip() if latest.is_file() else None}  # fmt: skip
+    if not run:
+        info.update(_last_logged(p))
+    lora = p / "pytorch_lora_weights.safetensors"
+    if lora.is_file():
+        weights = _lora_info(*safetensors_header(lora)) or {}
+        info["weights"] = f"{lora.name}: LoRA rank {weights.get('rank')}, {weights.get('modules')} modules"
+    elif (p / "pipeline" / "model_index.json").is_file():
+        info["weights"] = "pipeline/ (a full LCM), unet/ (its EMA UNet), unet_online/"
+    return info
+
+
+def _last_logged(p: Path) -> dict[str, Any]:
+    """Of an unfinished run: its last logged step and loss."""
+    log = p / "logs" / "train_log.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    rows = [r for r in rows if "loss" in r]
+    return {"steps": rows[-1]["step"], "last_loss": rows[-1]["loss"]} if rows else {}
+
+
 def describe(path: str | Path) -> dict[str, Any]:
     """A dict describing PATH; raises ConfigError when it is nothing lcmkit knows."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ConfigError(f"{path} does not exist")
     if p.is_file():
-        if p.suffix != ".safetensors":
-            raise ConfigError(f"{path}: only .safetensors files are inspected (pickle-based files are not opened)")
-        shapes, meta = safetensors_header(p)
-        lora = _lora_info(shapes, meta)
-        if lora is not None:
-            return {"path": str(p), **lora}
-        if any(k.startswith("model.diffusion_model.") for k in shapes):
-            family = family_of_keys(shapes).name
-            lcm = "model.diffusion_model.time_embedding.cond_proj.weight" in shapes
-            return {"path": str(p), "kind": "single-file checkpoint", "family": family, "full_lcm": lcm,
-                    "tensors": len(shapes)}  # fmt: skip
-        return {"path": str(p), "kind": "safetensors file", "tensors": len(shapes)}
+        return _file(p, path)
+    if (p / "lcmkit_run.json").is_file() or (p / "checkpoints" / "latest").is_file():
+        return _run(p)
     if (p / "pytorch_lora_weights.safetensors").is_file():
         return describe(p / "pytorch_lora_weights.safetensors") | {"folder": str(p)}
     if (p / "model_index.json").is_file():
@@ -98,10 +171,4 @@ def describe(path: str | Path) -> dict[str, Any]:
     if (p / "state.json").is_file() and (p / "state.safetensors").is_file():
         record = json.loads((p / "state.json").read_text())
         return {"path": str(p), "kind": "lcmkit checkpoint", "step": record.get("step"), **record.get("meta", {})}
-    if (p / "lcmkit_run.json").is_file() or (p / "checkpoints" / "latest").is_file():
-        run = json.loads((p / "lcmkit_run.json").read_text()) if (p / "lcmkit_run.json").is_file() else {}
-        latest = p / "checkpoints" / "latest"
-        return {"path": str(p), "kind": "lcmkit run" if run else "unfinished lcmkit run", "mode": run.get("mode"),
-                "family": run.get("family"), "steps": run.get("steps"),
-                "latest_checkpoint": latest.read_text().strip() if latest.is_file() else None}  # fmt: skip
     raise ConfigError(f"{path}: not a LoRA, pipeline, UNet, single-file checkpoint, lcmkit run, cache or checkpoint")

@@ -388,6 +388,17 @@ def json_record(columns: list[Column], info: dict[str, Any]) -> dict[str, Any]:
     return {"columns": rows, **info}
 
 
+def _visible_range(points: list[tuple[float, float, float]]) -> tuple[float, float] | None:
+    """y-limits that keep the few-step differences visible: the span of every point at 2 steps or more, with a
+    margin; points outside it (typically 1 step, far worse) are drawn at the edge with their value printed."""
+    ys = [y for steps, _, y in points if steps >= 2] or [y for *_, y in points]
+    if len(ys) < 2:
+        return None
+    lo, hi = min(ys), max(ys)
+    margin = 0.12 * (hi - lo) or 0.05 * abs(hi) or 1.0
+    return lo - margin, hi + margin
+
+
 def quality_plot(columns: list[Column], path: Path, title: str = "quality against cost") -> None:
     """One row per metric: the metric against sampling steps (left) and against seconds per image (right)."""
     import matplotlib
@@ -401,11 +412,19 @@ def quality_plot(columns: list[Column], path: Path, title: str = "quality agains
     groups = list(dict.fromkeys(c.group for c in columns))
     fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.2 * len(metrics)), squeeze=False)
     for row, metric in zip(axes, metrics):
+        every = [(c.steps, 0.0, c.metrics[metric]) for c in columns if math.isfinite(c.metrics[metric])]
+        limits = _visible_range(every)
         for x_name, ax in zip(("steps", "seconds_per_image"), row):
             for group, marker in zip(groups, itertools.cycle(("o-", "s--", "^:", "d-.", "v-", "x--"))):
                 points = sorted((getattr(c, x_name), c.metrics[metric]) for c in columns if c.group == group)
                 points = [(x, y) for x, y in points if math.isfinite(y)]
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker, label=group)
+                ax.plot([p[0] for p in points], [_clip(p[1], limits) for p in points], marker, label=group)
+                for x, y in points:
+                    if _clip(y, limits) != y:  # off the scale: at the edge, with its value
+                        ax.annotate(f"{y:.3g}", (x, _clip(y, limits)), textcoords="offset points", xytext=(4, -10
+                                    if y > limits[1] else 4), fontsize=7)  # fmt: skip
+            if limits is not None:
+                ax.set_ylim(*limits)
             ax.set_xscale("log", base=2 if x_name == "steps" else 10)
             ax.set_xlabel("sampling steps" if x_name == "steps" else "seconds per image")
             ax.set_ylabel(METRICS[metric][2], fontsize=8)
@@ -417,10 +436,28 @@ def quality_plot(columns: list[Column], path: Path, title: str = "quality agains
     plt.close(fig)
 
 
+def _clip(y: float, limits: tuple[float, float] | None) -> float:
+    return y if limits is None else min(max(y, limits[0]), limits[1])
+
+
+def legend(columns: list[Column]) -> str:
+    """What the table's columns mean (written under it in the .md report)."""
+    lines = [
+        "- sampler: the model and scheduler; `teacher DDIM` / `teacher DPM++` are the teacher with classifier-free "
+        "guidance, `LCM` the distilled model on LCMScheduler, `TCD` on TCDScheduler, `shipped` a LoRA made earlier.",
+        "- steps: denoising steps (each costs one network call; the teacher's two with guidance).",
+        "- guidance: the guidance_scale passed to the pipeline (1 = no classifier-free guidance pass).",
+        *(f"- {METRICS[m][0]}: {METRICS[m][2]}." for m in common_metrics(columns)),
+        "- s/image: wall-clock seconds per image on this machine, batched, decoding included.",
+        "- Every sampler starts image i from the same noise and prompt.",
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def write_report(columns: list[Column], out: Path, info: dict[str, Any], stem: str = "eval") -> str:
     """{stem}.md (markdown table), {stem}.json and quality.png in `out`; returns the table."""
     table = markdown_table(columns)
-    (out / f"{stem}.md").write_text(table)
+    (out / f"{stem}.md").write_text(table + "\n" + legend(columns))
     (out / f"{stem}.json").write_text(json.dumps(json_record(columns, info), indent=2, allow_nan=False) + "\n")
     quality_plot(columns, out / "quality.png", "quality against steps and seconds per image (same prompts and noise)")
     return table

@@ -10,6 +10,7 @@ image) and a plot of quality against steps and seconds per image.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,6 +245,26 @@ def quality_bar(rows: list[dict[str, Any]], steps: int = 4, dpm_steps: int | Non
     return lines
 
 
+def swap_in(fresh: Path, final: Path) -> None:
+    """Replace `final` by the finished run in `fresh` (renames; the previous run is removed last), and make the new
+    run's record and card name the folder it now lives in."""
+    from lcmkit.outputs.card import write_model_card
+    from lcmkit.outputs.record import RUN_RECORD
+
+    record = json.loads((fresh / RUN_RECORD).read_text())
+    record["config"]["train"]["out"] = str(final)
+    (fresh / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    fresh.rename(final)
+    write_model_card(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     teacher = toy_teacher(settings.teacher)
     out = Path(settings.out)
@@ -251,7 +272,13 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     t0 = time.perf_counter()
     specs = ensure_shards(out / "data", settings)
     run_dir = out / f"lcm-{settings.mode}"
-    result = distill(distill_config(settings, teacher, specs["train"], run_dir), command="lcmkit demo")
+    # The new run is written beside the previous one and swapped in only when it has finished: an interrupted
+    # re-run leaves the previous run as it was (and its own unfinished folder, removed by the next attempt).
+    fresh = out / f".lcm-{settings.mode}.new"
+    if fresh.exists():
+        shutil.rmtree(fresh)
+    result = distill(distill_config(settings, teacher, specs["train"], fresh), command="lcmkit demo")
+    swap_in(fresh, run_dir)
     t_distill = time.perf_counter() - t0
 
     base, lcm = load_pipelines(settings, teacher, run_dir)

@@ -182,8 +182,20 @@ class Trainer:
         record = load_checkpoint(path, self.state)
         self.step = int(record["step"])
         self.nonfinite_steps = int(record.get("meta", {}).get("nonfinite_steps", 0))
-        log.info("resumed from %s at step %d", path, self.step)
+        if self.accelerator.is_main_process:
+            self._forget_logged_steps_after(self.step)
+        log.warning("resumed at step %d from %s", self.step, path)  # said without -v: the user asked for it
         return True
+
+    def _forget_logged_steps_after(self, step: int) -> None:
+        """A killed attempt may have logged steps past its last checkpoint: drop them, they are run again."""
+        path = self.out_dir / "logs" / "train_log.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) < len(lines):
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def last_checkpoint(self) -> str:
         pointer = self.checkpoint_folder / "latest"
