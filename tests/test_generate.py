@@ -257,3 +257,12 @@ def test_a_lora_folder_without_weights_says_what_is_missing(tmp_path):
         lora_file(empty)
     with pytest.raises(ConfigError, match="does not exist"):
         lora_file(tmp_path / "absent")
+
+
+def test_a_size_the_vae_cannot_make_is_refused_before_any_work(tiny_sd, sd_lora):
+    gen = FewStepGenerator(base=tiny_sd, loras=[(sd_lora, 1.0)])
+    with pytest.raises(ConfigError, match="--width 33: must be a multiple of 8 for this model .*use 32 or 40"):
+        gen(["a red square"], steps=1, width=33, height=64)
+    with pytest.raises(ConfigError, match="--height 4: must be a multiple of 8"):
+        gen(["a red square"], steps=1, width=64, height=4)
+    assert gen(["a red square"], steps=1, width=64, height=40)[0].size == (64, 40)

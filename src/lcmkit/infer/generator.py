@@ -125,6 +125,17 @@ class FewStepGenerator:
         # such a UNet, and (unlike LatentConsistencyModelPipeline) passes TCD's gamma to the scheduler.
         return family.pipeline_class().from_pipe(pipe), family
 
+    def check_size(self, width: int | None, height: int | None) -> None:
+        """Refuse a size the VAE cannot make exactly (diffusers would silently make a smaller image)."""
+        from lcmkit.errors import ConfigError
+
+        block = int(self.pipe.vae_scale_factor)
+        for flag, value in (("--width", width), ("--height", height)):
+            if value is not None and (value < block or value % block):
+                lower, upper = max(block, value // block * block), (value // block + 1) * block
+                raise ConfigError(f"{flag} {value}: must be a multiple of {block} for this model (its VAE works in "
+                                  f"{block}x{block} pixel blocks): use {lower} or {upper}")  # fmt: skip
+
     def set_scheduler(self, name: str) -> None:
         self.pipe.scheduler = few_step_scheduler(self.pipe.scheduler.config, name)
         self.scheduler_name = name
@@ -162,6 +173,7 @@ class FewStepGenerator:
             raise ConfigError(f"--strength {strength}: must be between 0 and 1")
         if init_image is not None and int(steps * strength) < 1:
             raise ConfigError(f"--steps {steps} x --strength {strength} leaves no denoising step: raise either")
+        self.check_size(width, height)
         guidance = self.default_guidance if guidance is None else guidance
         if guidance < 0:
             raise ConfigError(f"--guidance {guidance}: must be >= 0")
