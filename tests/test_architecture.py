@@ -433,3 +433,32 @@ def test_find_cycles_on_a_synthetic_graph() -> None:
     deep = {str(i): {str(i + 1)} for i in range(5000)}  # no recursion limit
     deep["5000"] = {"0"}
     assert len(find_cycles(deep)) == 1 and len(find_cycles(deep)[0]) == 5002
+
+
+MAX_FUNCTION_LINES = 100
+
+
+def long_functions(src_root: Path = SRC_ROOT, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """'file:line name (N lines)' for every function longer than `limit` lines outside toy/."""
+    found = []
+    for path in sorted((src_root / PACKAGE).rglob("*.py")):
+        if "toy" in path.relative_to(src_root / PACKAGE).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    found.append(f"{path.relative_to(src_root.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_no_function_outside_toy_is_over_100_lines() -> None:
+    too_long = long_functions()
+    assert not too_long, "split these functions:\n" + "\n".join(too_long)
+
+
+def test_long_functions_are_found(tmp_path: Path) -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    _write(tmp_path, {"lcmkit/__init__.py": "", "lcmkit/big.py": f"def big():\n{body}\n",
+                      "lcmkit/toy/__init__.py": "", "lcmkit/toy/huge.py": f"def huge():\n{body}\n"})  # fmt: skip
+    assert [line.split()[1] for line in long_functions(tmp_path)] == ["big"]

@@ -146,3 +146,73 @@ def test_every_distill_flag_is_explained_in_help(capsys):
         assert words and not words[0].startswith("["), f"{flag} has no description"
     assert "--teacher-precision STR Storage of the frozen teacher UNet" in text
     assert "[train; default auto]" in text
+
+
+def test_every_numeric_flag_takes_a_negative_value_to_its_validator():
+    """`--learning-rate -1e-4` used to print the usage and 'expected one argument': argparse takes -1e-4 for an
+    option. Every numeric flag of every command now parses a negative value, so the validator can name it."""
+    from test_cli_flags import leaves, minimal_argv
+
+    from lcmkit.app.cli import build_parser, join_negative_numbers
+
+    checked = 0
+    for command, parser in leaves(build_parser()).items():
+        for action in parser._actions:
+            if not action.option_strings or action.type not in (int, float) or action.nargs not in (None, "?"):
+                continue
+            value = "-1e-4" if action.type is float else "-3"
+            argv = [*minimal_argv(parser), action.option_strings[-1], value]
+            args = parser.parse_args(join_negative_numbers(argv))
+            assert getattr(args, action.dest) == action.type(value), f"{command} {action.option_strings[-1]}"
+            checked += 1
+    assert checked > 40
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["distill", "--teacher", "toy", "--data", "x", "--out", "o", "--learning-rate", "-1e-4"],
+     "--learning-rate -0.0001: must be > 0"),
+    (["distill", "--teacher", "toy", "--data", "x", "--out", "o", "--w-min", "-2"], "--w-min -2.0 is negative"),
+])  # fmt: skip
+def test_a_negative_value_gets_its_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_version(capsys):
+    import lcmkit
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"lcmkit {lcmkit.__version__}"
+
+
+MISSING = "/nonexistent/lcmkit-test-path"
+
+
+@pytest.mark.parametrize("argv", [
+    ["distill", "--teacher", MISSING, "--data", MISSING, "--out", "OUT"],
+    ["distill", "--teacher", "toy", "--data", MISSING, "--out", "OUT"],
+    ["cache", "--teacher", MISSING, "--data", MISSING, "--out", "OUT"],
+    ["generate", "--base", MISSING, "--prompt", "a", "--out", "OUT"],
+    ["generate", "--base", "toy", "--lora", MISSING, "--prompt", "a", "--out", "OUT"],
+    ["generate", "--lcm", MISSING, "--prompt", "a", "--out", "OUT"],
+    ["export", "single-file", MISSING, "--out", "OUT/x.safetensors"],
+    ["export", "kohya", MISSING, "--out", "OUT/x.safetensors"],
+    ["export", "fused", MISSING, "--base", "toy", "--out", "OUT"],
+    ["export", "diffusers", MISSING, "--base", "toy", "--out", "OUT"],
+    ["info", MISSING],
+    ["eval", "--teacher", MISSING, "--prompts", "toy", "--out", "OUT"],
+    ["eval", "--teacher", "toy", "--prompts", MISSING, "--out", "OUT"],
+    ["bench", "generate", "--teacher", MISSING],
+    ["push", MISSING, "--repo-id", "me/x"],
+    ["serve", "--base", MISSING, "--lora", "toy"],
+    ["demo", "--teacher", MISSING, "--out", "OUT"],
+    ["toy", "ship-teacher", "--run", MISSING, "--out", "OUT"],
+])  # fmt: skip
+def test_every_command_says_one_line_for_a_missing_path(argv, tmp_path, capsys):
+    argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lcmkit: error:") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

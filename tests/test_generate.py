@@ -266,3 +266,17 @@ def test_a_size_the_vae_cannot_make_is_refused_before_any_work(tiny_sd, sd_lora)
     with pytest.raises(ConfigError, match="--height 4: must be a multiple of 8"):
         gen(["a red square"], steps=1, width=64, height=4)
     assert gen(["a red square"], steps=1, width=64, height=40)[0].size == (64, 40)
+
+
+def test_generate_refuses_to_overwrite_before_loading_anything(tmp_path, monkeypatch, capsys):
+    import lcmkit.app.generate
+
+    (tmp_path / "0000-seed0.png").write_bytes(b"an image the user kept")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(lcmkit.app.generate, "FewStepGenerator", no_model)
+    assert main(["generate", "--base", "toy", "--prompt", "a red square", "--out", str(tmp_path)]) == 2
+    assert "0000-seed0.png exists: pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "0000-seed0.png").read_bytes() == b"an image the user kept"

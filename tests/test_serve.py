@@ -33,7 +33,7 @@ def free_port() -> int:
 def server(tiny_sd, tiny_sd_lora):
     import uvicorn
 
-    from lcmkit.app.serve import create_app
+    from lcmkit.app.server import create_app
     from lcmkit.infer.generator import FewStepGenerator
 
     app = create_app(FewStepGenerator(tiny_sd, [(tiny_sd_lora, 1.0)]))
@@ -166,12 +166,12 @@ def test_bench_serve_prints_latency_per_step_count(tiny_sd, tiny_sd_lora, tmp_pa
 def test_without_a_model_it_serves_the_shipped_toy_teacher_and_lcm_lora(capsys):
     import argparse
 
-    from lcmkit.app.cli import _serve_generator
+    from lcmkit.app.serve import serve_generator
 
     names = ("base", "lora", "lcm", "base_config")
     args = argparse.Namespace(**dict.fromkeys(names), scheduler="lcm", device="cpu", dtype="auto", compile=False,
                               tcd_gamma=0.3)  # fmt: skip
-    gen = _serve_generator(args)
+    gen = serve_generator(args)
     assert gen.adapters and gen.pipe.unet.config.sample_size == 16  # the toy teacher, LoRA loaded
     assert main(["bench", "serve", "--steps", "2", "--repeats", "2"]) == 0  # no model arguments at all
     assert "| 2 |" in capsys.readouterr().out
@@ -181,7 +181,7 @@ def test_a_compiled_generator_is_warmed_up_before_serving(tiny_sd, monkeypatch):
     """With --compile the first (compiling) call happens before the server listens, at the default size."""
     import uvicorn
 
-    from lcmkit.app.serve import serve
+    from lcmkit.app.server import serve
     from lcmkit.infer.generator import FewStepGenerator
 
     generator = FewStepGenerator(base=tiny_sd)

@@ -1,2 +1,3 @@
-"""The command line: parsing, one handler per command, error-to-exit-code mapping; and the serve page. Nothing
-imports it."""
+"""The command line: one module per command (its options dataclass, `add_parser` and `run`), their flags generated
+from dataclasses (flags.py), cli.py assembling them and mapping errors to exit codes; the serve page's server
+(server.py). Nothing imports it."""

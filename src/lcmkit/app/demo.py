@@ -1,0 +1,59 @@
+"""`lcmkit demo`: distill the shipped toy teacher and compare it with its teacher, offline. Flags from
+toy/demo.py's DemoSettings, plus --quick."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lcmkit.app.flags import Flags
+from lcmkit.toy.demo import DemoSettings
+
+DEMO = Flags(
+    DemoSettings,
+    spec={
+        "out": {"help": "output folder"},
+        "mode": {"choices": ("lora", "full")},
+        "teacher": {"help": "another toy-world teacher folder (default: the shipped one)"},
+        "steps": {"help": "distillation steps"},
+        "batch_size": {"help": "distillation batch size"},
+        "learning_rate": {"help": "of the distillation (quick to converge in the short live run)"},
+        "lora_rank": {"help": "rank of the live run's LCM-LoRA"},
+        "n_train": {"help": "toy training images"},
+        "n_test": {"help": "held-out toy images"},
+        "n_eval": {"help": "evaluation prompts (images per column)"},
+        "grid_rows": {"help": "prompts shown in grid.png"},
+        "lcm_steps": {"help": "step counts of the live LCM columns"},
+        "shipped_steps": {"help": "step counts of the shipped LCM-LoRA columns"},
+        "tcd_gamma": {"help": "gamma of the TCD columns"},
+        "teacher_steps": {"help": "DPM-Solver++ steps of the teacher's reference column"},
+        "overwrite": {"help": "replace a previous demo run in --out"},
+        "progress": {"help": "progress bars"},
+    },
+    unset=True,  # --quick sizes what is not given
+)
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("demo", help="distill the shipped toy teacher and compare it with its teacher, offline")
+    DEMO.add(p)
+    p.add_argument("--quick", action="store_true", help="a smoke-test sized run")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lcmkit.toy.demo import run_demo
+
+    given = DEMO.values(args)
+    settings = DemoSettings.quick(**given) if args.quick else DemoSettings(**given)
+    settings.check()
+    result = run_demo(settings)
+    print(result["table"])
+    print(f"LCM n: distilled in this run ({result['distill_steps']} steps, {result['distill_s']:.0f} s), n sampling "
+          f"steps; TCD n: the same model on TCDScheduler (gamma {settings.tcd_gamma:g}); teacher: DPM-Solver++ "
+          "with guidance.")  # fmt: skip
+    if result["shipped_lora"]:
+        made = result["shipped_lora_steps"]
+        print(f"shipped LCM n: {result['shipped_lora']}" + (f" ({made} steps of distillation)" if made else ""))
+    print(f"lcmkit demo: {result['total_s']:.0f} s; grid, metrics and plot in {result['out']}")
+    return 0
