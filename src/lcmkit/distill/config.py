@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import tomllib
 import types
 import typing
@@ -22,6 +21,7 @@ from lcmkit.families import FAMILIES
 from lcmkit.families.conditioning import ConditioningSettings
 from lcmkit.families.teacher import ModelConfig
 from lcmkit.families.unet import LoraConfig, StudentSettings
+from lcmkit.fields import field_docs
 from lcmkit.methods import METHODS
 from lcmkit.methods.lcd import LCDSettings
 from lcmkit.train.loop import LoopSettings
@@ -132,20 +132,10 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 
 
 def _field_docs() -> dict[str, str]:
-    """Field name -> the first sentence of its attribute docstring (the string under it, in whichever class of a
-    section's bases defines it)."""
-    import ast
-    import inspect
-
+    """Field name -> the first sentence of its attribute docstring, for every section."""
     docs: dict[str, str] = {}
-    owners = {k for cls in _sections().values() for k in cls.__mro__ if dataclasses.is_dataclass(k)}
-    for cls in owners:
-        body = ast.parse(inspect.getsource(cls)).body[0].body
-        for node, after in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
-                    text = " ".join(str(after.value.value).split())
-                    docs[node.target.id] = re.split(r"\.\s+(?=[A-Z])", text)[0].rstrip(".")
+    for cls in _sections().values():
+        docs.update(field_docs(cls))
     return docs
 
 
