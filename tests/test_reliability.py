@@ -330,3 +330,62 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
     run(str(tmp_path / "checkpoints" / "checkpoint-00000002"))  # as after a kill between steps 2 and 4
     steps = [json.loads(line)["step"] for line in (tmp_path / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_the_trainer_steps_two_models_and_resumes_both_exactly(tmp_path):
+    """Two updates per step (a generator and a discriminator, each with its own optimizer): each is stepped on its
+    own loss only, both optimizers are checkpointed, and a resumed run ends with the same weights."""
+    from safetensors.torch import load_file as load
+
+    from lcmkit.train.loop import LoopSettings, Trainer, Update
+    from lcmkit.train.session import accelerator_session
+
+    def nets():
+        torch.manual_seed(0)
+        return torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+
+    def g_loss(gen, disc, x):  # also puts gradients on the discriminator: they must not reach its step
+        return -disc(gen(x)).mean()
+
+    def d_loss(gen, disc, x):
+        return torch.relu(1 + disc(gen(x).detach())).mean() + torch.relu(1 - disc(x)).mean()
+
+    def run(out, steps: int, resume: str | None = None) -> dict[str, torch.Tensor]:
+        gen, disc = nets()
+        opt_g, opt_d = torch.optim.Adam(gen.parameters(), 1e-2), torch.optim.Adam(disc.parameters(), 1e-2)
+        sched = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0) for o in (opt_g, opt_d)]
+        batches = [{"x": torch.randn(2, 4, generator=torch.Generator().manual_seed(i))} for i in range(100)]
+        updates = [
+            Update("generator", gen, opt_g, sched[0], lambda b: (g_loss(gen, disc, b["x"]), {})),
+            Update("discriminator", disc, opt_d, sched[1], lambda b: (d_loss(gen, disc, b["x"]), {})),
+        ]
+        settings = LoopSettings(max_steps=steps, batch_size=2, checkpoint_every=2, log_every=1, progress=False)
+        with accelerator_session(cpu=True) as acc:
+            trainer = Trainer(acc, settings, out, updates, batches, state={"gen": gen, "disc": disc})
+            if resume:
+                trainer.resume(resume)
+            trainer.run()
+        weights = {f"g.{k}": v for k, v in gen.state_dict().items()}
+        return weights | {f"d.{k}": v for k, v in disc.state_dict().items()}
+
+    whole = run(tmp_path / "whole", 4)
+    run(tmp_path / "cut", 4)
+    resumed = run(tmp_path / "cut", 4, str(tmp_path / "cut" / "checkpoints" / "checkpoint-00000002"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    state = load(tmp_path / "whole" / "checkpoints" / "checkpoint-00000004" / "state.safetensors")
+    assert any(k.startswith("optimizer.discriminator") for k in state)
+    logged = json.loads((tmp_path / "whole" / "logs" / "train_log.jsonl").read_text().splitlines()[-1])
+    assert "loss" in logged and "loss_discriminator" in logged
+
+    # one step by hand: the discriminator's Adam step sees the gradients of its own loss only
+    gen, disc = nets()
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    opt_g, opt_d = torch.optim.Adam(gen.parameters(), 1e-2), torch.optim.Adam(disc.parameters(), 1e-2)
+    g_loss(gen, disc, x).backward()
+    opt_g.step()
+    disc.zero_grad()
+    d_loss(gen, disc, x).backward()
+    opt_d.step()
+    one = run(tmp_path / "one", 1)
+    assert all(torch.allclose(one[f"d.{k}"], v) for k, v in disc.state_dict().items())
+    assert all(torch.allclose(one[f"g.{k}"], v) for k, v in gen.state_dict().items())

@@ -254,6 +254,8 @@ class Trainer:
     def _apply(self, update: Update, micro_batches: list[Any]) -> tuple[torch.Tensor, dict[str, Any], bool]:
         """One update over the step's micro-batches: accumulate, clip, step (or skip when not finite)."""
         acc, accum = self.accelerator, len(micro_batches)
+        for other in self.updates:  # an earlier update's loss may have left gradients on this one's parameters
+            other.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros((), device=acc.device)
         logs: dict[str, Any] = {}
         for micro, batch in enumerate(micro_batches):
