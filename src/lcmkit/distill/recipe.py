@@ -112,7 +112,7 @@ def _run(
     generator = torch.Generator(device).manual_seed(tr.seed * 1000 + accelerator.process_index)
     encode = BatchEncoder(teacher, conditioner, cfg.lcd.uncond, d.resolution, generator, device)
     method_class, _ = METHODS[cfg.method]
-    method, skips = method_class(cfg.lcd), SkipTally()
+    method, skips = method_class(getattr(cfg, cfg.method)), SkipTally()  # built from its own config section
 
     def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         skips.update(batch)

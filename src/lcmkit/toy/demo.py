@@ -29,7 +29,7 @@ from lcmkit.infer.sampling import DEFAULT_TCD_GAMMA, LORA_GUIDANCE_SCALE, w_of
 from lcmkit.measure.eval import Column, sample_columns, write_report
 from lcmkit.methods.lcd import LCDSettings
 from lcmkit.runtime import dtype_kwarg
-from lcmkit.toy.world import IMAGE_SIZE, make_splits, sample_scenes
+from lcmkit.toy.world import IMAGE_SIZE, TOY_GUIDANCE_SCALE, make_splits, sample_scenes
 
 TEACHER_DIR = Path(__file__).parent / "assets" / "teacher"
 LORA_DIR = Path(__file__).parent / "assets" / "lcm_lora"
@@ -48,7 +48,7 @@ class DemoSettings:
     num_ddim_timesteps: int = LCDSettings.num_ddim_timesteps
     """N of the skipping-step grid (k = 1000 / N)."""
     lora_rank: int = 32
-    guidance: float = 5.0
+    guidance: float = TOY_GUIDANCE_SCALE
     """The teacher's classifier-free guidance scale; LCD learns it (w = guidance - 1)."""
     n_train: int = 20000
     n_test: int = 2000

@@ -17,6 +17,7 @@ from typing import Any
 
 from lcmkit.errors import ConfigError
 from lcmkit.toy.probe import REFERENCE_N
+from lcmkit.toy.world import TOY_GUIDANCE_SCALE
 
 SHIPPED_TEACHER = Path(__file__).parent / "assets" / "teacher"
 MAX_GAP_S = 900.0
@@ -91,7 +92,7 @@ def ship_teacher(run: Path, out: Path = SHIPPED_TEACHER, n_eval: int = 300, over
     shutil.copytree(teacher, staging)
     settings = EvalSettings(
         teacher=str(staging), prompts=toy_prompts(n_eval, seed=1), steps=[4], reference_steps=(25, 50),
-        guidance=5.0, seed=1, size=32, batch_size=50, grid_rows=6, out=str(staging / "evaluation"),
+        guidance=TOY_GUIDANCE_SCALE, seed=1, size=32, batch_size=50, grid_rows=6, out=str(staging / "evaluation"),
         progress=progress,
     )  # fmt: skip
     result = run_eval(settings, [toy_scores])
@@ -191,7 +192,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("lcmkit/toy/assets/teacher", torch_dtype=torch.float32)
 image = pipe("a large blue square in the center on a black background", height=32, width=32,
-             guidance_scale=5.0, num_inference_steps=25).images[0]
+             guidance_scale={TOY_GUIDANCE_SCALE}, num_inference_steps=25).images[0]
 ```
 
 It knows only the toy world: anything else in a prompt is ignored or confuses it.

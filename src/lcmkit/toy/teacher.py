@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from lcmkit.measure.system import cpu_model
 from lcmkit.runtime import dtype_kwarg
 from lcmkit.toy.tokenizer import load_toy_tokenizer
-from lcmkit.toy.world import render_array, sample_scenes, sample_seed
+from lcmkit.toy.world import TOY_GUIDANCE_SCALE, render_array, sample_scenes, sample_seed
 from lcmkit.train.checkpoint import GeneratorState
 from lcmkit.train.loop import LoopSettings, Trainer, Update
 from lcmkit.train.session import accelerator_session
@@ -175,7 +175,9 @@ def save_pipeline(
 
 
 @torch.no_grad()
-def prompt_accuracy_of(pipeline_dir: Path | Any, n: int, steps: int = 50, guidance: float = 5.0, seed: int = 1) -> dict:
+def prompt_accuracy_of(
+    pipeline_dir: Path | Any, n: int, steps: int = 50, guidance: float = TOY_GUIDANCE_SCALE, seed: int = 1
+) -> dict:
     """Teacher quality: DDIM at `steps` with guidance, scored by the pixel checker."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 

@@ -24,6 +24,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 32
+TOY_GUIDANCE_SCALE = 5.0
+"""The toy teacher's classifier-free guidance scale: what it was evaluated at and what its LCM-LoRA learned."""
 SUPERSAMPLE = 4
 MAX_JITTER = 1.0  # in 32 px units; drawn in whole 128 px pixels, i.e. quarter-pixel steps at 32 px
 
