@@ -378,18 +378,18 @@ def test_quality_plot_draws_every_sampler_group(tmp_path, monkeypatch):
 def test_reports_keep_few_step_differences_visible_and_explain_themselves(tmp_path):
     from PIL import Image
 
-    from lcmkit.infer.images import GUTTER, image_grid, save_images
+    from lcmkit.infer.images import BACKGROUND, GUTTER, image_grid, save_images
     from lcmkit.measure.eval import _visible_range
 
     # the plot's y-range follows the 2-step and later points: a far worse 1-step point is drawn at the edge
     low, high = _visible_range([(1, 0.0, 100.0), (2, 0.0, 10.0), (4, 0.0, 11.0), (8, 0.0, 12.0)])
     assert 9.0 < low < 10.0 and 12.0 < high < 13.0
-    # grid tiles are apart: the gutter between two red tiles stays white
-    red = Image.new("RGB", (112, 112), "red")
-    grid = image_grid([[red, red]], ["a prompt"], ["one", "two"])
+    # grid tiles are apart: the gutter between two white tiles is the grid's grey
+    white = Image.new("RGB", (112, 112), "white")
+    grid = image_grid([[white, Image.new("RGB", (112, 112), "red")]], ["a prompt"], ["one", "two"])
     y = 16 + GUTTER + 50
-    assert grid.getpixel((GUTTER + 112 + GUTTER // 2, y)) == (255, 255, 255)
-    assert grid.getpixel((GUTTER + 50, y)) == (255, 0, 0)
+    assert grid.getpixel((GUTTER + 112 + GUTTER // 2, y)) == BACKGROUND != grid.getpixel((GUTTER + 50, y))
+    assert grid.getpixel((2 * GUTTER + 112 + 50, y)) == (255, 0, 0)
     # a saved image says its real size
     folder = save_images([Image.new("RGB", (32, 48))], ["p"], tmp_path, 0, {"steps": 4, "scheduler": "lcm",
                                                                              "guidance": 1.0}, False)  # fmt: skip

@@ -8,7 +8,9 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 GUTTER = 6
-"""White pixels between tiles, so that neighbouring images do not run into each other."""
+"""Pixels between tiles, so that neighbouring images do not run into each other."""
+BACKGROUND = (214, 214, 214)
+"""The grid's grey: it sets tiles apart from each other on white and on black images alike."""
 
 
 def _font(size: int) -> Any:
@@ -37,7 +39,7 @@ def image_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels:
     font = _font(12)
     pitch, line = cell + GUTTER, 16
     width = GUTTER + pitch * len(col_labels)
-    grid = Image.new("RGB", (width, line + GUTTER + (cell + line + GUTTER) * len(rows)), "white")
+    grid = Image.new("RGB", (width, line + GUTTER + (cell + line + GUTTER) * len(rows)), BACKGROUND)
     draw = ImageDraw.Draw(grid)
     for j, label in enumerate(col_labels):
         text = _fit(draw, label, font, cell)
@@ -47,7 +49,7 @@ def image_grid(rows: list[list[Image.Image]], row_labels: list[str], col_labels:
         y = line + GUTTER + i * (cell + line + GUTTER)
         for j, image in enumerate(row):
             grid.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (GUTTER + j * pitch, y))
-        draw.text((GUTTER, y + cell + 1), _fit(draw, label, font, width - 2 * GUTTER), fill="dimgray", font=font)
+        draw.text((GUTTER, y + cell + 1), _fit(draw, label, font, width - 2 * GUTTER), fill=(70, 70, 70), font=font)
     return grid
 
 
