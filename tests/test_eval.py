@@ -382,7 +382,7 @@ def test_reports_keep_few_step_differences_visible_and_explain_themselves(tmp_pa
     from lcmkit.measure.eval import _visible_range
 
     # the plot's y-range follows the 2-step and later points: a far worse 1-step point is drawn at the edge
-    low, high = _visible_range([(1, 0.0, 100.0), (2, 0.0, 10.0), (4, 0.0, 11.0), (8, 0.0, 12.0)])
+    low, high = _visible_range([(1, 100.0), (2, 10.0), (4, 11.0), (8, 12.0)])
     assert 9.0 < low < 10.0 and 12.0 < high < 13.0
     # grid tiles are apart: the gutter between two white tiles is the grid's grey
     white = Image.new("RGB", (112, 112), "white")

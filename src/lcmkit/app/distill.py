@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k not in NOT_OPTIONS}
     cfg = load_config(args.config, overrides)
-    cfg.model.teacher = toy_aliases(cfg.model.teacher, None)[0] or cfg.model.teacher  # --teacher toy
+    cfg.model.teacher = toy_aliases(cfg.model.teacher, None)[0]  # --teacher toy: the shipped toy teacher
     result = distill(cfg, command=shlex.join(["lcmkit", *sys.argv[1:]]))
     if not result.main_process:  # one line per run, not per process
         return 0

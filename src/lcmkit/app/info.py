@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from lcmkit.formats.info import describe
 
     o: InfoOptions = INFO.build(args)
-    path = toy_aliases(o.path, None)[0] if o.path == "toy" else o.path  # 'toy': the shipped toy teacher
+    path = toy_aliases(o.path, None)[0]  # 'toy': the shipped toy teacher
     info = {k: v for k, v in describe(path).items() if v is not None}
     if o.json:
         print(json.dumps(info, indent=2))

@@ -111,8 +111,7 @@ def _run(
     released = release_for_cache(source, teacher, conditioner, cfg) if cfg.mode == "lora" else []
     generator = torch.Generator(device).manual_seed(tr.seed * 1000 + accelerator.process_index)
     encode = BatchEncoder(teacher, conditioner, cfg.lcd.uncond, d.resolution, generator, device)
-    method_class, _ = METHODS[cfg.method]
-    method, skips = method_class(getattr(cfg, cfg.method)), SkipTally()  # built from its own config section
+    method, skips = METHODS[cfg.method](getattr(cfg, cfg.method)), SkipTally()  # built from its own config section
 
     def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         skips.update(batch)
@@ -121,7 +120,7 @@ def _run(
     # The trainer: one update (the student's), the EMA after each step (full), validation grids, checkpoints.
     validator = Validator(cfg, teacher, models, out, accelerator) if tr.validation_prompts else None
     update = Update("student", student, optimizer, lr_scheduler, loss_fn, cfg.optim.max_grad_norm)
-    trainer = Trainer(accelerator, tr, out, [update], stream_loader(stream, cfg),
+    trainer = Trainer(accelerator, tr, out, [update], make_dataloader(stream, tr.batch_size, d.num_workers),
                       state={**models.checkpoint_state(), "lcd_generator": GeneratorState(generator)},
                       on_step_end=models.update_ema if cfg.mode == "full" else None, callback=validator,
                       callback_every=tr.validation_every if validator else 0, description=f"distill {cfg.mode}",
@@ -151,10 +150,6 @@ def _run(
 
     on_main(accelerator, finish)
     return DistillResult(out, cfg.mode, teacher.family.name, result, peak_rss_mb(), accelerator.is_main_process)
-
-
-def stream_loader(stream: SampleStream, cfg: DistillConfig) -> Any:
-    return make_dataloader(stream, cfg.train.batch_size, cfg.data.num_workers)
 
 
 def resume(trainer: Trainer, spec: str | None, out: Path) -> None:

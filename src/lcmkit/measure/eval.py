@@ -388,10 +388,10 @@ def json_record(columns: list[Column], info: dict[str, Any]) -> dict[str, Any]:
     return {"columns": rows, **info}
 
 
-def _visible_range(points: list[tuple[float, float, float]]) -> tuple[float, float] | None:
+def _visible_range(points: list[tuple[int, float]]) -> tuple[float, float] | None:
     """y-limits that keep the few-step differences visible: the span of every point at 2 steps or more, with a
     margin; points outside it (typically 1 step, far worse) are drawn at the edge with their value printed."""
-    ys = [y for steps, _, y in points if steps >= 2] or [y for *_, y in points]
+    ys = [y for steps, y in points if steps >= 2] or [y for _, y in points]
     if len(ys) < 2:
         return None
     lo, hi = min(ys), max(ys)
@@ -412,7 +412,7 @@ def quality_plot(columns: list[Column], path: Path, title: str = "quality agains
     groups = list(dict.fromkeys(c.group for c in columns))
     fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.2 * len(metrics)), squeeze=False)
     for row, metric in zip(axes, metrics):
-        every = [(c.steps, 0.0, c.metrics[metric]) for c in columns if math.isfinite(c.metrics[metric])]
+        every = [(c.steps, c.metrics[metric]) for c in columns if math.isfinite(c.metrics[metric])]
         limits = _visible_range(every)
         for x_name, ax in zip(("steps", "seconds_per_image"), row):
             for group, marker in zip(groups, itertools.cycle(("o-", "s--", "^:", "d-.", "v-", "x--"))):
@@ -420,9 +420,10 @@ def quality_plot(columns: list[Column], path: Path, title: str = "quality agains
                 points = [(x, y) for x, y in points if math.isfinite(y)]
                 ax.plot([p[0] for p in points], [_clip(p[1], limits) for p in points], marker, label=group)
                 for x, y in points:
-                    if _clip(y, limits) != y:  # off the scale: at the edge, with its value
-                        ax.annotate(f"{y:.3g}", (x, _clip(y, limits)), textcoords="offset points", xytext=(4, -10
-                                    if y > limits[1] else 4), fontsize=7)  # fmt: skip
+                    edge = _clip(y, limits)
+                    if edge != y:  # off the scale: at the edge, with its value (below the top edge, above the bottom)
+                        offset = (4, -10 if y > edge else 4)
+                        ax.annotate(f"{y:.3g}", (x, edge), textcoords="offset points", xytext=offset, fontsize=7)
             if limits is not None:
                 ax.set_ylim(*limits)
             ax.set_xscale("log", base=2 if x_name == "steps" else 10)

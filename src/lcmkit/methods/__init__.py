@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lcmkit.methods.lcd import LCD, LCDSettings
+from lcmkit.methods.lcd import LCD
 
-METHODS = {"lcd": (LCD, LCDSettings)}
-"""name -> (method class, its settings dataclass). A new method is one module here and one line."""
+METHODS = {"lcd": LCD}
+"""name -> method class, built from its own config section. A new method is one module here and one line."""

@@ -11,10 +11,11 @@ from lcmkit.families.teacher import Teacher
 from lcmkit.families.unet import LCDModels, save_full_lcm, save_lora
 from lcmkit.infer.sampling import SamplingFacts
 from lcmkit.measure.system import machine, peak_rss_mb, versions
+from lcmkit.train.checkpoint import CHECKPOINT_DIR
 
 RUN_RECORD = "lcmkit_run.json"
 OUTPUTS = (RUN_RECORD, "README.md", "pytorch_lora_weights.safetensors", "unet", "unet_online", "pipeline", "validation",
-           "logs", "checkpoints")  # fmt: skip
+           "logs", CHECKPOINT_DIR)  # fmt: skip
 """Everything lcmkit writes into --out (what --overwrite removes, and nothing else)."""
 
 
