@@ -15,7 +15,7 @@ if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
 import pytest  # noqa: E402
-from tiny_models import make_shards, make_tiny_sd, make_tiny_sdxl  # noqa: E402
+from tiny_models import make_shards, make_tiny_flux, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +34,18 @@ def tiny_sd_v(tmp_path_factory) -> str:
 def tiny_sdxl(tmp_path_factory) -> str:
     """SDXL-layout teacher folder."""
     return str(make_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "teacher"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> str:
+    """SD3-layout teacher folder (MMDiT, CLIP-L + CLIP-G + T5, 16-channel VAE, shift 3)."""
+    return str(make_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3") / "teacher"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> str:
+    """FLUX.1-dev-layout teacher folder (guidance embedding, CLIP-L + T5, packed latents, dynamic shift)."""
+    return str(make_tiny_flux(tmp_path_factory.mktemp("tiny-flux") / "teacher"))
 
 
 @pytest.fixture(scope="session")

@@ -199,9 +199,9 @@ def test_initial_noise_is_the_noise_the_pipeline_draws_per_seed(tiny_sd, sampler
 
     teacher = load_teacher(ModelConfig(teacher=tiny_sd))
     if sampler == "lcm":
-        pipe = lcm_pipeline(teacher, teacher.unet, 50)
+        pipe = lcm_pipeline(teacher, teacher.denoiser, 50)
     else:
-        pipe = teacher_pipeline(teacher, teacher.unet, teacher_scheduler(teacher.scheduler.config, "ddim"))
+        pipe = teacher_pipeline(teacher, teacher.denoiser, teacher_scheduler(teacher.scheduler.config, "ddim"))
     prompts = ["a red square", "a blue circle"]
     kw = dict(num_inference_steps=2, guidance_scale=3.0, height=64, width=64)
     drawn = run_batched(pipe, prompts, 11, 2, **kw)

@@ -12,6 +12,7 @@ from lcmkit.core.consistency import boundary_scalings, consistency_function, gui
 from lcmkit.core.prediction import predicted_noise, predicted_origin
 from lcmkit.core.schedule import NoiseSchedule, ddim_timesteps, sample_timestep_pairs
 from lcmkit.core.solver import ddim_step
+from lcmkit.core.trajectory import DiffusionTrajectory
 from lcmkit.families.conditioning import Conditioning
 from lcmkit.methods.base import Batch, Nets
 from lcmkit.methods.lcd import LCD, LCDSettings
@@ -118,7 +119,7 @@ def test_lcd_loss_follows_algorithm_1():
     eps_c, eps_u = torch.full_like(z0, 0.3), torch.full_like(z0, -0.2)
     calls, seen = [], {}
 
-    def teacher(z, t, c):
+    def teacher(z, t, c, w):
         calls.append((z.shape[0], c.hidden_states[:, 0, 0].tolist()))
         return torch.cat([eps_c, eps_u])
 
@@ -130,7 +131,7 @@ def test_lcd_loss_follows_algorithm_1():
         seen["target"] = (z.clone(), t.clone())
         return torch.ones_like(z)
 
-    nets = Nets(student, teacher, target, s, "epsilon")
+    nets = Nets(student, teacher, target, DiffusionTrajectory(s, "epsilon"))
     loss, _ = LCD(settings).loss(nets, Batch(z0, cond, uncond), torch.Generator().manual_seed(7))
     assert calls == [(6, [1.0, 1.0, 1.0, 0.0, 0.0, 0.0])]
 

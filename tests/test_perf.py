@@ -11,14 +11,15 @@ from test_distill_e2e import distill_args, losses, run_cli
 
 from lcmkit.distill.config import LCDConfig
 from lcmkit.families.conditioning import Conditioning
+from lcmkit.families.models import LoraConfig, build_lcd_models
 from lcmkit.families.teacher import ModelConfig, load_teacher
-from lcmkit.families.unet import LoraConfig, build_lcd_models, unet_call
+from lcmkit.families.unet import unet_call
 
 
 def test_lora_teacher_view_shares_weights_and_equals_adapters_disabled(tiny_sd):
     teacher = load_teacher(ModelConfig(teacher=tiny_sd))
     models = build_lcd_models(teacher, "lora", LCDConfig(), LoraConfig(lora_rank=4))
-    student, view = models.student_unet, models.teacher_unet
+    student, view = models.student_net, models.teacher_net
     assert view is not student
     base = dict(view.named_parameters())
     for name, p in student.named_parameters():  # no copy of the frozen weights
@@ -34,7 +35,7 @@ def test_lora_teacher_view_shares_weights_and_equals_adapters_disabled(tiny_sd):
     dim = student.config.cross_attention_dim
     cond = Conditioning(torch.randn(2, 77, dim, generator=g))
     with torch.no_grad():
-        via_view = models.teacher(z, t, cond)
+        via_view = models.teacher(z, t, cond, torch.zeros(2))
         student.disable_adapters()
         disabled = unet_call(student, z, t, cond)
         student.enable_adapters()
@@ -99,13 +100,13 @@ def test_channels_last_keeps_the_losses(tiny_sd, shards, tmp_path, mode):
     LoRA teacher a view of the student's own weights, and trains the same: the same fixed-seed losses."""
     models = build_lcd_models(load_teacher(ModelConfig(teacher=tiny_sd)), mode, LCDConfig(), LoraConfig(lora_rank=4),
                               memory_format=torch.channels_last)  # fmt: skip
-    for unet in (models.student_unet, models.teacher_unet, models.target_unet):
+    for unet in (models.student_net, models.teacher_net, models.target_net):
         if unet is not None:
             for conv in (unet.conv_in, unet.down_blocks[0].resnets[0].conv1):  # the second has LoRA adapters
                 weight = conv.base_layer.weight if hasattr(conv, "base_layer") else conv.weight
                 assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     if mode == "lora":
-        view, adapted = (m.down_blocks[0].resnets[0].conv1 for m in (models.teacher_unet, models.student_unet))
+        view, adapted = (m.down_blocks[0].resnets[0].conv1 for m in (models.teacher_net, models.student_net))
         assert view.weight.data_ptr() == adapted.base_layer.weight.data_ptr()
     runs = {}
     for layout in ("on", "off"):
@@ -142,17 +143,17 @@ def test_fused_adamw_makes_the_same_update():
 def test_ema_target_stays_fp32_and_follows_lr_sized_updates(tiny_sd):
     teacher = load_teacher(ModelConfig(teacher=tiny_sd))
     models = build_lcd_models(teacher, "full", LCDConfig(ema_decay=0.95), LoraConfig(), torch.bfloat16)
-    assert next(models.teacher_unet.parameters()).dtype == torch.bfloat16
-    assert {p.dtype for p in models.target_unet.parameters()} == {torch.float32}
+    assert next(models.teacher_net.parameters()).dtype == torch.bfloat16
+    assert {p.dtype for p in models.target_net.parameters()} == {torch.float32}
     assert models.target_autocast == torch.bfloat16  # it still computes in the run's precision
-    start = [p.detach().clone() for p in models.target_unet.parameters()]
+    start = [p.detach().clone() for p in models.target_net.parameters()]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # one step's change at lr 1e-6 is about this size
-        for p in models.student_unet.parameters():
+        for p in models.student_net.parameters():
             p.add_(2e-5 * torch.randn(p.shape, generator=g))
     models.update_ema()
     moved = moved_in_bf16 = 0
-    for t, s, o in zip(models.target_unet.parameters(), start, models.student_unet.parameters()):
+    for t, s, o in zip(models.target_net.parameters(), start, models.student_net.parameters()):
         torch.testing.assert_close(t, s.lerp(o, 0.05), rtol=0, atol=1e-9)
         moved += int((t != s).sum())
         half = s.bfloat16()  # why fp32: the same update on bf16 storage mostly rounds back to where it was
@@ -166,7 +167,7 @@ def test_bf16_teacher_computes_in_fp32_layer_by_layer(tiny_sd):
     plain = build_lcd_models(reference, "full", LCDConfig(), LoraConfig())
     lean = build_lcd_models(load_teacher(ModelConfig(teacher=tiny_sd)), "full", LCDConfig(), LoraConfig(),
                             teacher_storage=torch.bfloat16)  # fmt: skip
-    dtypes = {n: p.dtype for n, p in lean.teacher_unet.named_parameters()}
+    dtypes = {n: p.dtype for n, p in lean.teacher_net.named_parameters()}
     assert dtypes["conv_in.weight"] == torch.bfloat16 and dtypes["conv_norm_out.weight"] == torch.float32
     assert lean.teacher_dtype == torch.float32
     g = torch.Generator().manual_seed(0)
@@ -176,7 +177,7 @@ def test_bf16_teacher_computes_in_fp32_layer_by_layer(tiny_sd):
     with torch.no_grad():
         a, b = plain.teacher(z, t, cond), lean.teacher(z, t, cond)
     assert b.dtype == torch.float32
-    assert dict((n, p.dtype) for n, p in lean.teacher_unet.named_parameters()) == dtypes  # back to storage
+    assert dict((n, p.dtype) for n, p in lean.teacher_net.named_parameters()) == dtypes  # back to storage
     assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()  # bf16 weights: close, not equal
 
 

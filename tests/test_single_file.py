@@ -118,7 +118,7 @@ def test_load_teacher_reads_the_export(request, exported, which, family):
     teacher = load_teacher(ModelConfig(teacher=str(path), teacher_config=folder))
     assert teacher.family.name == family and len(teacher.text_encoders) == (2 if family == "sdxl" else 1)
     ref = get_family(family).pipeline_class().from_pretrained(folder)
-    for name, module in [("unet", teacher.unet), ("vae", teacher.vae), ("text_encoder", teacher.text_encoders[0])]:
+    for name, module in [("unet", teacher.denoiser), ("vae", teacher.vae), ("text_encoder", teacher.text_encoders[0])]:
         sa, sb = getattr(ref, name).state_dict(), module.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
     # SDXL text_encoder_2 is not checked: load_teacher calls plain from_single_file (see the SDXL test).
@@ -127,11 +127,12 @@ def test_load_teacher_reads_the_export(request, exported, which, family):
 def test_full_lcm_keeps_cond_proj_and_casts_to_fp16(tiny_sd, tmp_path):
     from diffusers import LatentConsistencyModelPipeline
 
+    from lcmkit.families.models import save_full_lcm
     from lcmkit.families.teacher import ModelConfig, load_teacher
-    from lcmkit.families.unet import make_full_student, save_full_lcm
+    from lcmkit.families.unet import make_full_student
 
     teacher = load_teacher(ModelConfig(teacher=tiny_sd))
-    student = make_full_student(teacher.unet, 16)
+    student = make_full_student(teacher.denoiser, 16)
     torch.manual_seed(0)
     torch.nn.init.normal_(student.time_embedding.cond_proj.weight)  # non-zero, so a dropped key would show
     save_full_lcm(student, teacher, tmp_path / "lcm", num_ddim_timesteps=50)

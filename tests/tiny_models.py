@@ -172,6 +172,96 @@ def make_tiny_sdxl(path: str | Path) -> Path:
     return path
 
 
+T5_DIM = 64  # d_model of the tiny T5 (SD3: >= the two CLIPs' hidden states side by side)
+T5_WORDS = ["a", "an", "on", "of", "the", "photo", "square", "rectangle", "background", "red", "green", "blue",
+            "yellow", "white", "black", "cat", "dog"]  # fmt: skip
+
+
+def _t5(seed: int = 2):
+    """A tiny T5 encoder and its offline T5Tokenizer (SentencePiece unigram)."""
+    from transformers import T5Config, T5EncoderModel
+
+    from lcmkit.families.tokenizers import build_t5_tokenizer
+
+    tokenizer = build_t5_tokenizer(T5_WORDS)
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=T5_DIM, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+                      relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                      decoder_start_token_id=0)  # fmt: skip
+    return T5EncoderModel(config), tokenizer
+
+
+def tiny_vae16(scaling_factor: float, shift_factor: float):
+    """The 16-channel AutoencoderKL of SD3 / FLUX (no quant convs, a shift factor), 4 blocks, tiny."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+        latent_channels=16, norm_num_groups=4, sample_size=RESOLUTION, scaling_factor=scaling_factor,
+        shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+
+
+def make_tiny_sd3(path: str | Path) -> Path:
+    """Write a StableDiffusion3Pipeline folder: MMDiT (SD3Transformer2DModel), CLIP-L + CLIP-G (with projection) +
+    T5, the 16-channel VAE, FlowMatchEulerDiscreteScheduler with shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    path = Path(path)
+    tokenizer, tokenizer_2 = _tokenizer(), _tokenizer()
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer))
+    torch.manual_seed(1)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden_act="gelu"))
+    text_encoder_3, tokenizer_3 = _t5()
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=RESOLUTION // 8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=T5_DIM, caption_projection_dim=16,
+        pooled_projection_dim=2 * TEXT_PROJECTION, out_channels=16, pos_embed_max_size=16,
+    )  # fmt: skip
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae16(1.5305, 0.0609), text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )  # fmt: skip
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def make_tiny_flux(path: str | Path, schnell: bool = False) -> Path:
+    """Write a FluxPipeline folder: FluxTransformer2DModel (FLUX.1-dev: a guidance embedding; schnell: none, no
+    shift), CLIP-L + T5, the 16-channel VAE, FlowMatchEulerDiscreteScheduler (dev: dynamic shifting)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    path = Path(path)
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(_text_config(tokenizer))
+    text_encoder_2, tokenizer_2 = _t5()
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=T5_DIM, pooled_projection_dim=TEXT_HIDDEN,
+        guidance_embeds=not schnell, axes_dims_rope=(4, 6, 6),
+    )  # fmt: skip
+    if schnell:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    else:
+        dynamic = dict(base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, **dynamic)
+    pipe = FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=tiny_vae16(0.3611, 0.1159), text_encoder=text_encoder,
+        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+    )  # fmt: skip
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -250,11 +340,11 @@ def make_tiny_lora(teacher: str | Path, out: str | Path, rank: int = 4) -> Path:
     from diffusers import UNet2DConditionModel
 
     from lcmkit.families import get_family
-    from lcmkit.families.unet import LoraConfig, lora_config, save_lora
+    from lcmkit.families.models import LoraConfig, lora_config, save_lora
 
     unet = UNet2DConditionModel.from_pretrained(Path(teacher) / "unet")
     cfg = LoraConfig(lora_rank=rank)
-    unet.add_adapter(lora_config(cfg))
+    unet.add_adapter(lora_config(cfg, get_family("sd")))
     torch.manual_seed(0)
     for name, p in unet.named_parameters():
         if "lora_B" in name:
@@ -267,10 +357,11 @@ def make_tiny_lora(teacher: str | Path, out: str | Path, rank: int = 4) -> Path:
 def make_tiny_full_lcm(teacher: str | Path, out: str | Path) -> Path:
     """A full-LCM output folder (unet/ + pipeline/) for a tiny teacher: the untrained, zero-initialised student
     written by lcmkit's own writer."""
+    from lcmkit.families.models import save_full_lcm
     from lcmkit.families.teacher import ModelConfig, load_teacher
-    from lcmkit.families.unet import make_full_student, save_full_lcm
+    from lcmkit.families.unet import make_full_student
 
     loaded = load_teacher(ModelConfig(teacher=str(teacher)))
     out = Path(out)
-    save_full_lcm(make_full_student(loaded.unet, 256), loaded, out, 50)
+    save_full_lcm(make_full_student(loaded.denoiser, 256), loaded, out, 50)
     return out

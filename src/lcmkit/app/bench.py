@@ -16,7 +16,7 @@ from lcmkit.app.flags import Flags, option
 from lcmkit.app.serve import ServeModelOptions, serve_generator
 from lcmkit.data.config import DataConfig
 from lcmkit.errors import ConfigError
-from lcmkit.families.unet import LoraConfig
+from lcmkit.families.models import LoraConfig
 from lcmkit.infer.schedulers import SAMPLERS
 from lcmkit.measure.archs import ARCHS
 from lcmkit.measure.bench import GenerateBench, SoakBench

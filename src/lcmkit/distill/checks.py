@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from lcmkit.data.base import Source
-from lcmkit.distill.config import DistillConfig, list_presets
+from lcmkit.distill.config import DistillConfig, apply_family_defaults, list_presets
 from lcmkit.errors import ConfigError
-from lcmkit.families.teacher import Teacher, detect_family
+from lcmkit.families.teacher import Teacher, teacher_family
 from lcmkit.outputs.record import OUTPUTS, RUN_RECORD
 from lcmkit.train.checkpoint import CHECKPOINT_DIR, find_checkpoint
 
@@ -65,11 +65,18 @@ def clear_outputs(out: Path) -> None:
             target.unlink()
 
 
-def check_preset_family(cfg: DistillConfig) -> None:
-    """Before loading anything: the preset may name a VAE for another family."""
+def check_family(cfg: DistillConfig) -> None:
+    """Before loading anything: the teacher's family (cheap: its model_index.json or file keys) fills the family's
+    defaults and refuses what it cannot train; the preset may be for another family."""
+    _, family = teacher_family(cfg.model)
+    apply_family_defaults(cfg, family)
+    check_preset_family(cfg, family.name)
+
+
+def check_preset_family(cfg: DistillConfig, family: str) -> None:
+    """The preset may name a VAE for another family."""
     if not cfg.preset:
         return
-    family = cfg.model.family or detect_family(cfg.model.teacher, cfg.model.revision).name
     meant = list_presets()[cfg.preset].get("family")
     if meant and meant != family:
         names = ", ".join(n for n, p in list_presets().items() if p.get("family") == family)

@@ -18,9 +18,10 @@ from typing import Any
 from lcmkit.data.config import DataConfig
 from lcmkit.errors import ConfigError
 from lcmkit.families import FAMILIES
+from lcmkit.families.base import Family
 from lcmkit.families.conditioning import ConditioningSettings
+from lcmkit.families.models import LoraConfig, StudentSettings
 from lcmkit.families.teacher import ModelConfig
-from lcmkit.families.unet import LoraConfig, StudentSettings
 from lcmkit.fields import field_docs
 from lcmkit.methods import METHODS
 from lcmkit.methods.lcd import LCDSettings
@@ -275,9 +276,9 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     if not cfg.train.out:
         raise ConfigError("no output folder given: pass --out DIR")
     lcd = cfg.lcd
-    if lcd.w_min > lcd.w_max:
+    if lcd.w_min is not None and lcd.w_max is not None and lcd.w_min > lcd.w_max:
         raise ConfigError(f"--w-min {lcd.w_min} is greater than --w-max {lcd.w_max}: w_min must be <= w_max")
-    if lcd.w_min < 0:
+    if lcd.w_min is not None and lcd.w_min < 0:
         raise ConfigError(f"--w-min {lcd.w_min} is negative: guidance scales must be >= 0")
     if not 1 <= lcd.num_ddim_timesteps <= 1000:
         raise ConfigError(f"--num-ddim-timesteps {lcd.num_ddim_timesteps}: must be between 1 and 1000")
@@ -291,7 +292,7 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ConfigError(f"--uncond {lcd.uncond!r}: choose auto, empty or zeros")
     if cfg.lora.lora_rank < 1:
         raise ConfigError(f"--lora-rank {cfg.lora.lora_rank}: must be >= 1")
-    if not cfg.lora.lora_target_modules:
+    if cfg.lora.lora_target_modules is not None and not cfg.lora.lora_target_modules:
         raise ConfigError("--lora-target-modules is empty: name at least one module")
     tr = cfg.train
     for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
@@ -343,3 +344,19 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     return cfg
 
 
+
+
+def apply_family_defaults(cfg: DistillConfig, family: Family) -> None:
+    """Fill the options whose default is the family's (the w range, the LoRA targets), and refuse what the family's
+    student cannot learn: a full student without a guidance input (SD3's transformer) learns one w, baked in."""
+    lcd = cfg.lcd
+    lo, hi = family.guidance_range
+    lcd.w_min = lo if lcd.w_min is None else lcd.w_min
+    lcd.w_max = max(hi, lcd.w_min) if lcd.w_max is None else lcd.w_max
+    if cfg.lora.lora_target_modules is None:
+        cfg.lora.lora_target_modules = list(family.lora_targets)
+    validate(cfg)
+    if cfg.mode == "full" and not family.full_student_takes_w and lcd.w_min != lcd.w_max:
+        raise ConfigError(f"--mode full with w in [{lcd.w_min:g}, {lcd.w_max:g}]: a full {family.label} student has no "
+                          f"guidance input ({family.denoiser} in diffusers), so it learns one guidance scale: set "
+                          "--w-min and --w-max to the same value (e.g. 3.5), or distill a LoRA (--mode lora)")

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from lcmkit.data import ImageTransform, SampleStream, SkipTally, Source, make_dataloader, resolve_data, summarize_skips
-from lcmkit.distill.checks import check_cache, check_environment, check_preset_family, clear_outputs, prepare_out_dir
-from lcmkit.distill.config import DistillConfig, validate
+from lcmkit.distill.checks import check_cache, check_environment, check_family, clear_outputs, prepare_out_dir
+from lcmkit.distill.config import DistillConfig, apply_family_defaults, validate
 from lcmkit.distill.setup import (
     DTYPES,
     conv_kernels,
@@ -26,13 +26,12 @@ from lcmkit.distill.setup import (
     prepare_models,
     release_for_cache,
     run_lock,
-    vae_downsampling,
 )  # fmt: skip
 from lcmkit.distill.validation import Validator
 from lcmkit.errors import ConfigError
 from lcmkit.families.encode import BatchEncoder
+from lcmkit.families.models import build_lcd_models
 from lcmkit.families.teacher import Teacher, load_teacher
-from lcmkit.families.unet import build_lcd_models
 from lcmkit.measure.system import peak_rss_mb
 from lcmkit.methods import METHODS
 from lcmkit.methods.base import Batch, Nets
@@ -59,7 +58,7 @@ class DistillResult:
 def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
     """Run a distillation end to end. Raises ConfigError on bad input before any heavy work."""
     validate(cfg)
-    check_preset_family(cfg)  # first: a preset for another family also asks for what this machine may not have
+    check_family(cfg)  # first: a preset for another family also asks for what this machine may not have
     check_environment(cfg)
     source = resolve_data(cfg.data.data, cfg.data.image_column, cfg.data.caption_column)
     out = prepare_out_dir(cfg)
@@ -71,12 +70,13 @@ def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
         run_lock(out, accelerator, command),
     ):  # fmt: skip
         teacher = load_teacher(cfg.model)
+        apply_family_defaults(cfg, teacher.family)
         check_cache(source, teacher, cfg.data.resolution)
         if cfg.train.overwrite:  # only once the teacher loaded: a typo must not cost the previous run
             on_main(accelerator, lambda: clear_outputs(out))
         accelerator.wait_for_everyone()
-        positions = cfg.train.batch_size * (cfg.data.resolution // vae_downsampling(teacher)) ** 2
-        with conv_kernels(cfg.train.cpu_conv, teacher.unet, accelerator.device, positions):
+        positions = cfg.train.batch_size * (cfg.data.resolution // teacher.vae_downsampling) ** 2
+        with conv_kernels(cfg.train.cpu_conv, teacher.denoiser, accelerator.device, positions):
             return _run(cfg, teacher, source, out, accelerator, command, t_start)
 
 
@@ -97,9 +97,9 @@ def _run(
     prepare_models(models, teacher, tr, device)
     optimizer = make_optimizer(models.trainable_parameters(), cfg.optim)
     lr_scheduler = make_lr_scheduler(optimizer, cfg.optim, tr.max_steps)
-    student, optimizer = accelerator.prepare(models.student_unet, optimizer)
-    nets = Nets(models.student_forward(student), models.teacher, models.target, teacher.noise_schedule(),
-                teacher.prediction_type)  # fmt: skip
+    student, optimizer = accelerator.prepare(models.student_net, optimizer)
+    nets = Nets(models.student_forward(student), models.teacher, models.target, teacher.trajectory(cfg.data.resolution),
+                teacher.family.guidance_distilled)  # fmt: skip
 
     # Data -> encoded batches (raw images or a cache) -> the method's loss.
     d = cfg.data

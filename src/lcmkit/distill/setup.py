@@ -17,8 +17,8 @@ import torch
 from lcmkit.data.base import Source
 from lcmkit.distill.config import DistillConfig, TrainConfig
 from lcmkit.errors import ConfigError
+from lcmkit.families.models import LCDModels
 from lcmkit.families.teacher import Teacher
-from lcmkit.families.unet import LCDModels
 from lcmkit.train.lock import RunLock
 from lcmkit.train.session import PeerFailed, on_main
 
@@ -33,18 +33,18 @@ def memory_layout(choice: str, device: torch.device) -> torch.memory_format:
 
 def prepare_models(models: LCDModels, teacher: Teacher, train: TrainConfig, device: torch.device) -> None:
     """Every network on `device`, with the run's attention, gradient checkpointing and compile settings."""
-    for module in (models.student_unet, models.teacher_unet, models.target_unet, teacher.vae, *teacher.text_encoders):
+    for module in (models.student_net, models.teacher_net, models.target_net, teacher.vae, *teacher.text_encoders):
         if module is not None:
             module.to(device)
     if train.attention == "default":
         from diffusers.models.attention_processor import AttnProcessor
 
-        for unet in {models.student_unet, models.teacher_unet}:
+        for unet in {models.student_net, models.teacher_net}:
             unet.set_attn_processor(AttnProcessor())
     if train.gradient_checkpointing:
-        models.student_unet.enable_gradient_checkpointing()
+        models.student_net.enable_gradient_checkpointing()
     if train.compile:  # in place: parameter names, checkpoints and saved weights stay as they are
-        for unet in (models.student_unet, models.teacher_unet, models.target_unet):
+        for unet in (models.student_net, models.teacher_net, models.target_net):
             if unet is not None:  # never inductor's freezing: it bakes the weights in, and these change every step
                 unet.compile(options={"freezing": False})
 
@@ -56,11 +56,6 @@ SMALL_CONV_POSITIONS = 2048
 """Latent positions per UNet call (batch x latent height x width) below which oneDNN's per-call setup outweighs
 the work: a tiny SD at 64 px, batch 4 (256 positions) steps ~25% faster on native kernels; the toy teacher at
 32 px, batch 32 (8,192 positions) 1.47x faster on oneDNN (2.63 against 3.88 s per LoRA step, one run)."""
-
-
-def vae_downsampling(teacher: Any) -> int:
-    blocks = getattr(getattr(teacher.vae, "config", None), "block_out_channels", None)
-    return 2 ** (len(blocks) - 1) if blocks else 8
 
 
 @contextmanager

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from lcmkit.distill.config import DistillConfig
+from lcmkit.families.models import LCDModels
 from lcmkit.families.teacher import Teacher
-from lcmkit.families.unet import LCDModels
 from lcmkit.infer.images import image_grid
 from lcmkit.infer.pipelines import generate, lcm_pipeline
 from lcmkit.infer.sampling import default_guidance_scale
@@ -21,7 +21,7 @@ class Validator:
 
     def __call__(self, step: int) -> Path:
         cfg = self.cfg
-        unet = self.models.student_unet
+        unet = self.models.student_net
         guidance = default_guidance_scale(self.models.mode == "full")
         pipe = lcm_pipeline(self.teacher, unet, cfg.lcd.num_ddim_timesteps)
         unet.eval()

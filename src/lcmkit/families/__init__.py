@@ -8,10 +8,12 @@ from typing import Any
 
 from lcmkit.errors import ConfigError
 from lcmkit.families.base import Family
+from lcmkit.families.flux import FLUX
 from lcmkit.families.sd import SD
+from lcmkit.families.sd3 import SD3
 from lcmkit.families.sdxl import SDXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD, SDXL, SD3, FLUX)}
 """name -> family. A new family is one module and one entry here."""
 
 
@@ -21,17 +23,21 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
-def family_of_components(names: Iterable[str]) -> Family | None:
-    """The family whose text encoders a pipeline (its model_index.json entries or attributes) holds: the one with
-    the most of them present, or None."""
+def family_of_components(names: Iterable[str], class_name: str = "") -> Family | None:
+    """The family of a pipeline from its class name (a family's pipeline class), else from the components it
+    holds (model_index.json entries or attributes): the family with its denoiser and the most of its text encoders
+    present, fewest missing first; or None."""
+    for family in FAMILIES.values():
+        if class_name and class_name in (family.pipeline, family.lcm_pipeline):
+            return family
     present = set(names)
-    fits = [f for f in FAMILIES.values() if set(f.text_encoders) <= present]
-    return max(fits, key=lambda f: len(f.text_encoders), default=None)
+    fits = [f for f in FAMILIES.values() if f.denoiser in present and f.text_encoders[0] in present]
+    return max(fits, key=lambda f: (len(set(f.text_encoders) & present), -len(f.text_encoders)), default=None)
 
 
 def family_of_pipeline(pipe: Any) -> Family:
     """The family of a loaded diffusers pipeline."""
-    family = family_of_components(name for name in pipe.components if pipe.components[name] is not None)
+    family = family_of_components([n for n in pipe.components if pipe.components[n] is not None], type(pipe).__name__)
     if family is None:
         raise ConfigError(f"{type(pipe).__name__} holds no text encoder lcmkit knows: not a {families_text()} model")
     return family

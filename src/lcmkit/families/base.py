@@ -11,10 +11,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 TextEncode = Callable[[list[Tensor], list[nn.Module]], tuple[Tensor, Tensor | None]]
-"""(token ids per tokenizer, text encoders) -> (hidden states the UNet cross-attends to, pooled embedding or None)."""
+"""(token ids per tokenizer, text encoders) -> (hidden states the denoiser attends to, pooled embedding or None)."""
+
+DenoiserCall = Callable[[nn.Module, Tensor, Tensor, Any, Tensor | None, torch.dtype | None], Tensor]
+"""(network, z_t, t, conditioning, w or None, compute dtype or None: the weights') -> raw output. t is the trajectory's
+time (a DDPM timestep, or a flow sigma); w reaches the network only if it has a guidance input (a full LCM's
+w embedding, FLUX.1-dev's guidance embedding)."""
+
+FullStudent = Callable[[nn.Module, int], nn.Module]
+"""(the teacher's denoiser, guidance embedding width) -> a full student that starts as the teacher."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,28 @@ class Family:
     """Pipeline component names of its text encoders, in order; tokenizers are named alike (tokenizer, ...)."""
     encode_text: TextEncode
     """Its text conditioning (see TextEncode)."""
+    call: DenoiserCall
+    """How its denoiser is called (see DenoiserCall)."""
+    full_student: FullStudent
+    """How a full student is made from the teacher's denoiser."""
+    lora_targets: tuple[str, ...]
+    """Module names that get LoRA adapters by default."""
+    guidance_range: tuple[float, float]
+    """The default range of w (guidance scale w + 1) a student learns."""
+    denoiser: str = "unet"
+    """The pipeline component name of its denoiser: unet or transformer."""
+    flow: bool = False
+    """A rectified-flow teacher (velocity, sigma in [0, 1]) rather than a VP diffusion."""
+    guidance_distilled: bool = False
+    """The teacher takes the guidance scale as an input (FLUX.1-dev): no unconditional pass."""
+    full_student_takes_w: bool = True
+    """A full student has a guidance input, so it learns the whole w range (else: one w, baked in)."""
+    text_lengths: tuple[int | None, ...] = ()
+    """Token length per tokenizer (None or missing: the tokenizer's model_max_length)."""
+    check_teacher: Callable[[Mapping[str, Any], str], None] | None = None
+    """Refuses a teacher this family cannot distill from its denoiser's config (and its spec): raises ConfigError."""
+    text_encoder_labels: Mapping[str, str] = field(default_factory=dict)
+    """What each text encoder is, for messages: text_encoder_2 -> T5."""
     time_ids: bool = False
     """Whether the UNet is micro-conditioned on sizes and crop (SDXL's add_time_ids)."""
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)

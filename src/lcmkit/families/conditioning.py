@@ -27,7 +27,7 @@ class ConditioningSettings:
 
 @dataclass
 class Conditioning:
-    """What a UNet needs besides (z_t, t). `pooled` and `time_ids` are set for SDXL only."""
+    """What a denoiser needs besides (z_t, t). `pooled` is set for SDXL, SD3 and FLUX, `time_ids` for SDXL only."""
 
     hidden_states: Tensor
     pooled: Tensor | None = None
@@ -97,10 +97,11 @@ class TextConditioner:
         self._empty = self.encode([""], ones, ones, (1, 1))
         self.text_encoders = []
 
-    def _token_ids(self, tokenizer: Any, prompts: list[str]) -> Tensor:
+    def _token_ids(self, tokenizer: Any, prompts: list[str], length: int | None) -> Tensor:
         return tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
+            prompts, padding="max_length", max_length=length or tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)  # fmt: skip
 
     @torch.no_grad()
     def encode(
@@ -112,7 +113,8 @@ class TextConditioner:
     ) -> Conditioning:
         """Prompts -> Conditioning. A family with time ids (SDXL) needs sizes (height, width) per prompt and the
         target size."""
-        ids = [self._token_ids(tokenizer, prompts) for tokenizer in self.tokenizers]
+        lengths = (*self.family.text_lengths, *[None] * len(self.tokenizers))
+        ids = [self._token_ids(tokenizer, prompts, n) for tokenizer, n in zip(self.tokenizers, lengths)]
         hidden, pooled = self.family.encode_text(ids, self.text_encoders)
         if not self.family.time_ids:
             return Conditioning(hidden, pooled)
@@ -128,7 +130,7 @@ class TextConditioner:
         dtype = self.dtype
         hidden = batch["hidden_states"].to(self.device, dtype)
         if not self.family.time_ids:
-            return Conditioning(hidden)
+            return Conditioning(hidden, batch["pooled"].to(self.device, dtype) if "pooled" in batch else None)
         time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], target_size).to(self.device)
         return Conditioning(hidden, batch["pooled"].to(self.device, dtype), time_ids)
 

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from lcmkit.families.base import Family
+from lcmkit.families.unet import UNET_LORA_TARGETS, denoise, make_full_student
 
 
 def encode_text(token_ids: list[Tensor], encoders: list[nn.Module]) -> tuple[Tensor, Tensor]:
@@ -29,6 +30,10 @@ SDXL = Family(
     lcm_pipeline="StableDiffusionXLPipeline",
     text_encoders=("text_encoder", "text_encoder_2"),
     encode_text=encode_text,
+    call=denoise,
+    full_student=make_full_student,
+    lora_targets=UNET_LORA_TARGETS,
+    guidance_range=(3.0, 15.0),
     time_ids=True,
     zeros_uncond_flag="force_zeros_for_empty_prompt",
     single_file_marker="conditioner.embedders.1.",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lcmkit.core.flow import FlowSchedule
 from lcmkit.core.schedule import NoiseSchedule
+from lcmkit.core.trajectory import DiffusionTrajectory, FlowTrajectory, Trajectory
 from lcmkit.errors import ConfigError
 from lcmkit.errors import first_line as _first_line
 from lcmkit.families import families_text, family_of_components, get_family
@@ -46,7 +49,8 @@ class Teacher:
     """The teacher's components, frozen, and where they came from."""
 
     family: Family
-    unet: nn.Module
+    denoiser: nn.Module
+    """The family's denoiser: a UNet, or a flow transformer."""
     vae: nn.Module
     text_encoders: list[nn.Module]
     tokenizers: list[Any]
@@ -64,6 +68,28 @@ class Teacher:
         ddpm = DDPMScheduler.from_config(self.scheduler.config)
         return NoiseSchedule(ddpm.alphas_cumprod.float())
 
+    def flow_shift(self, resolution: int) -> float:
+        """The shift of a flow teacher's sigmas at this resolution: its fixed `shift`, or with dynamic shifting
+        (FLUX) exp(mu), mu linear in the number of image tokens as its pipeline computes it."""
+        config = self.scheduler.config
+        if not config.get("use_dynamic_shifting"):
+            return float(config.get("shift", 1.0))
+        tokens = (resolution // self.vae_downsampling // 2) ** 2
+        lo, hi = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        return math.exp(base + (top - base) * (tokens - lo) / (hi - lo))
+
+    def trajectory(self, resolution: int) -> Trajectory:
+        """The teacher's ODE as a method sees it (core/trajectory.py)."""
+        if self.family.flow:
+            return FlowTrajectory(FlowSchedule(self.flow_shift(resolution)))
+        return DiffusionTrajectory(self.noise_schedule(), self.prediction_type)
+
+    @property
+    def vae_downsampling(self) -> int:
+        blocks = getattr(getattr(self.vae, "config", None), "block_out_channels", None)
+        return 2 ** (len(blocks) - 1) if blocks else 8
+
     def conditioner(self) -> TextConditioner:
         return TextConditioner(self.family, self.tokenizers, self.text_encoders)
 
@@ -75,6 +101,12 @@ class Teacher:
     @property
     def vae_scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
+
+    @property
+    def vae_shift_factor(self) -> float | None:
+        """Subtracted from a latent before scaling (the 16-channel VAEs of SD3 and FLUX)."""
+        shift = getattr(self.vae.config, "shift_factor", None)
+        return float(shift) if shift is not None else None
 
 
 def looks_like_hub_id(spec: str) -> bool:
@@ -102,15 +134,29 @@ def detect_family(spec: str, revision: str | None = None) -> Family:
         except Exception as e:
             raise ConfigError(f"could not read teacher {spec!r} from the hub: {_first_line(e)}") from None
     name = str(info.get("_class_name", ""))
-    family = family_of_components(info)
-    if family is None or "unet" not in info:
-        raise ConfigError(f"teacher {spec} is a {name or 'pipeline'} without text_encoder/unet: not a "
+    family = family_of_components(info, name)
+    if family is None:
+        raise ConfigError(f"teacher {spec} is a {name or 'pipeline'} without text_encoder/unet/transformer: not a "
                           f"{families_text()} model")  # fmt: skip
+    if path.is_dir():
+        check_components(path, info, family)
     return family
 
 
-def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teacher:
-    """Load the teacher pipeline's components (no safety checker)."""
+def check_components(folder: Path, info: dict[str, Any], family: Family) -> None:
+    """Every component the family needs is in the pipeline folder (e.g. a FLUX folder saved without its T5)."""
+    needed = (family.denoiser, "vae", *family.text_encoders, *family.tokenizers)
+    for name in needed:
+        entry = info.get(name)
+        if not entry or entry[0] is None or not (folder / name).is_dir():
+            what = f"{name} ({family.text_encoder_labels[name]})" if name in family.text_encoder_labels else name
+            raise ConfigError(f"teacher {folder} has no {what}: a {family.label} pipeline folder needs "
+                              f"{', '.join(needed)}; save the complete pipeline (or give its hub id)")  # fmt: skip
+
+
+def teacher_family(cfg: ModelConfig) -> tuple[Path, Family]:
+    """(the teacher's path, its family), reading no weights: a pickle file is refused unless allowed, a missing one
+    named; the family is --family or detected from the folder's model_index.json, the hub's, or the file's keys."""
     spec = cfg.teacher
     path = Path(spec).expanduser()
     if is_pickle(path) and not cfg.allow_pickle:
@@ -128,6 +174,16 @@ def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teache
         raise
     except Exception as e:
         raise ConfigError(f"could not read teacher {spec}: {_first_line(e)}") from None
+    config = path / family.denoiser / "config.json"
+    if family.check_teacher is not None and config.is_file():
+        family.check_teacher(json.loads(config.read_text()), spec)
+    return path, family
+
+
+def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teacher:
+    """Load the teacher pipeline's components (no safety checker)."""
+    spec = cfg.teacher
+    path, family = teacher_family(cfg)
     cls = family.pipeline_class()
     # Without --allow-pickle, diffusers and transformers may read safetensors only (also from the hub).
     safetensors_only = None if cfg.allow_pickle else True
@@ -162,11 +218,14 @@ def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teache
             )
     except Exception as e:
         raise ConfigError(f"could not load teacher {spec}: {_first_line(e)}") from None
+    if family.check_teacher is not None:
+        family.check_teacher(getattr(pipe, family.denoiser).config, spec)
     encoders = [getattr(pipe, name) for name in family.text_encoders]
     tokenizers = [getattr(pipe, name) for name in family.tokenizers]
-    for module in [pipe.unet, pipe.vae, *encoders]:
+    denoiser = getattr(pipe, family.denoiser)
+    for module in [denoiser, pipe.vae, *encoders]:
         module.requires_grad_(False)
         module.eval()
     flag = family.zeros_uncond_flag
     extra = {flag: pipe.config.get(flag, True)} if flag else {}
-    return Teacher(family, pipe.unet, pipe.vae, encoders, tokenizers, pipe.scheduler, spec, extra)
+    return Teacher(family, denoiser, pipe.vae, encoders, tokenizers, pipe.scheduler, spec, extra)

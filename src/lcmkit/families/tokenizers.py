@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 from transformers import CLIPTokenizer
 
@@ -48,3 +49,16 @@ def build_clip_tokenizer(num_merges: int = 2000, model_max_length: int = 77) -> 
     vocab = {tok: i for i, tok in enumerate(tokens)}
     pairs = [tuple(m.split()) for m in merges]
     return CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=model_max_length)
+
+
+def build_t5_tokenizer(words: list[str], model_max_length: int = 512) -> Any:
+    """A real T5Tokenizer (SentencePiece unigram, as T5 v1.1 and the SD3/FLUX text encoders use) over a small
+    vocabulary built offline: <pad> 0, </s> 1, <unk> 2, then "▁word" pieces for `words` and single letters and
+    digits (with and without "▁") so that any lowercase text tokenizes."""
+    from transformers import T5Tokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789,.-'"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in dict.fromkeys(w.lower() for w in words)]
+    pieces += [("\u2581" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)

@@ -1,54 +1,24 @@
-"""The UNet families' denoiser call and students: full LCD vs LCM-LoRA is decided here and nowhere else.
-
-`build_lcd_models` returns three callables with the same signature, and the loss never learns which mode it trains."""
+"""The UNet families' denoiser (SD 1.x/2.x, SDXL): its call, its full student (a w input through timestep_cond) and
+the modules its LoRA adapts."""
 
 from __future__ import annotations
-
-import copy
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lcmkit.core.consistency import guidance_scale_embedding
-from lcmkit.errors import ConfigError
-from lcmkit.errors import first_line as _first_line
-from lcmkit.families.base import Family
 from lcmkit.families.conditioning import Conditioning
-from lcmkit.families.teacher import Teacher
 
-DEFAULT_LORA_TARGETS = [
+UNET_LORA_TARGETS = (
     # attention, feed-forward, resnet convs and time embedding projection (LCM-LoRA paper setup)
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-]  # fmt: skip
+)  # fmt: skip
 
 
-@dataclass
-class LoraConfig:
-    """The [lora] options."""
-
-    lora_rank: int = 64
-    """Rank of the LCM-LoRA adapters."""
-    lora_alpha: float | None = None
-    """Defaults to lora_rank (scale 1)."""
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    """UNet module names that get adapters (attention, feed-forward, resnet convs, time embedding)."""
-    lora_dropout: float = 0.0
-    """Dropout on the adapters' input."""
-
-
-@dataclass
-class StudentSettings:
-    """How the student and its target are built (options of the [lcd] section)."""
-
-    ema_decay: float = 0.95
-    """Decay of the full mode's EMA target (LoRA mode has no separate target)."""
-    guidance_embed_dim: int = 256
-    """Width of the w embedding that enters a full student through timestep_cond."""
+def config_of(module: nn.Module) -> dict:
+    """The diffusers config of a model, also through a DDP / compile wrapper."""
+    return dict(getattr(module, "module", module).config)
 
 
 def unet_call(
@@ -62,76 +32,13 @@ def unet_call(
     return unet(z_t.to(dtype), t, timestep_cond=timestep_cond, **cond.to(dtype=dtype).unet_kwargs()).sample
 
 
-class TrainableState:
-    """state_dict of only the parameters that train (LoRA weights, or the whole full student)."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {n: p.detach() for n, p in self.module.named_parameters() if p.requires_grad}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        params = dict(self.module.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-        if missing:
-            raise ConfigError(
-                f"checkpoint does not match this model: missing {missing[0]} (and {len(missing) - 1} more)"
-            )
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
-
-
-@dataclass
-class LCDModels:
-    """Student, teacher and target behind one signature; plus what trains and what to checkpoint."""
-
-    mode: str
-    student_unet: nn.Module
-    target_unet: nn.Module | None  # full: the EMA copy; LoRA: None (the target is the student)
-    teacher_unet: nn.Module
-    guidance_embed_dim: int
-    ema_decay: float
-    teacher_dtype: torch.dtype = torch.float32
-    """What the teacher computes in (its weights may be stored in less: see store_teacher)."""
-    target_autocast: torch.dtype | None = None
-    """Full mode under mixed precision: the fp32 target computes in this dtype."""
-
-    def student_forward(self, unet: nn.Module | None = None):
-        """The student callable; `unet` may be the accelerate-wrapped module (DDP)."""
-        unet = unet or self.student_unet
-        if self.mode == "full":
-            return lambda z, t, c, w: unet_call(unet, z, t, c, guidance_scale_embedding(w, self.guidance_embed_dim))
-        return lambda z, t, c, w: unet_call(unet, z, t, c)
-
-    def teacher(self, z_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        return unet_call(self.teacher_unet, z_t, t, cond, dtype=self.teacher_dtype)
-
-    def target(self, z_t: Tensor, t: Tensor, cond: Conditioning, w: Tensor) -> Tensor:
-        if self.mode != "full":
-            return unet_call(self.student_unet, z_t, t, cond)
-        w_embedding = guidance_scale_embedding(w, self.guidance_embed_dim)
-        dtype = self.target_autocast
-        with torch.autocast(z_t.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return unet_call(self.target_unet, z_t, t, cond, w_embedding)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.student_unet.parameters() if p.requires_grad]
-
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        """theta- <- decay theta- + (1 - decay) theta (full LCD only)."""
-        if self.target_unet is None:
-            return
-        torch._foreach_lerp_(list(self.target_unet.parameters()), list(self.student_unet.parameters()),
-                             1.0 - self.ema_decay)  # fmt: skip
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"student": TrainableState(self.student_unet)}
-        if self.target_unet is not None:
-            state["target"] = self.target_unet
-        return state
+def denoise(
+    unet: nn.Module, z_t: Tensor, t: Tensor, cond: Conditioning, w: Tensor | None, dtype: torch.dtype | None = None
+) -> Tensor:
+    """A UNet with a w input (time_cond_proj_dim: a full LCM) gets w's sinusoidal embedding; others ignore w."""
+    dim = config_of(unet).get("time_cond_proj_dim")
+    timestep_cond = guidance_scale_embedding(w, dim) if dim and w is not None else None
+    return unet_call(unet, z_t, t, cond, timestep_cond, dtype)
 
 
 def make_full_student(teacher_unet: nn.Module, guidance_embed_dim: int) -> nn.Module:
@@ -146,132 +53,3 @@ def make_full_student(teacher_unet: nn.Module, guidance_embed_dim: int) -> nn.Mo
     # Zero init: the student starts as exactly the teacher, and w is learned from there.
     nn.init.zeros_(student.time_embedding.cond_proj.weight)
     return student
-
-
-def lora_config(cfg: LoraConfig) -> Any:
-    from peft import LoraConfig as PeftLoraConfig
-
-    return PeftLoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank,
-        target_modules=list(cfg.lora_target_modules),
-        lora_dropout=cfg.lora_dropout,
-        init_lora_weights="gaussian",
-    )
-
-
-def build_lcd_models(
-    teacher: Teacher, mode: str, lcd: StudentSettings, lora: LoraConfig, frozen_dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu", teacher_storage: torch.dtype | None = None,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> LCDModels:  # fmt: skip
-    """Full: student = teacher + w input (fp32, trains), target = EMA of it (fp32, computed in frozen_dtype),
-    teacher frozen (stored in teacher_storage, default frozen_dtype: see store_teacher).
-    LoRA: one set of UNet weights: student = teacher + adapters, teacher = a plain view of the base weights
-    (= adapters disabled), target = student (no grad). Models are built on `device`, their weights in
-    `memory_format`."""
-    if mode == "full":
-        student = make_full_student(teacher.unet, lcd.guidance_embed_dim).to(torch.float32, memory_format=memory_format)
-        student.requires_grad_(True).train()
-        # The target stays fp32: an EMA increment, (1 - decay) x one step's change, is far below the rounding step
-        # of a half-precision weight, so a bf16/fp16 target would hardly ever move (tests/test_models.py).
-        target = copy.deepcopy(student).requires_grad_(False)
-        teacher_dtype = store_teacher(teacher.unet.to(memory_format=memory_format), teacher_storage or frozen_dtype,
-                                      frozen_dtype)  # fmt: skip
-        autocast = frozen_dtype if frozen_dtype != torch.float32 else None
-        return LCDModels("full", student, target, teacher.unet, lcd.guidance_embed_dim, lcd.ema_decay,
-                         teacher_dtype, autocast)  # fmt: skip
-    unet = teacher.unet.to(device=device, dtype=frozen_dtype, memory_format=memory_format)
-    plain = base_view(unet)
-    try:
-        unet.add_adapter(lora_config(lora))
-    except ValueError as e:
-        raise ConfigError(f"--lora-target-modules {lora.lora_target_modules}: {_first_line(e)}") from None
-    for p in unet.parameters():  # adapters train in fp32 even when the base is half precision
-        if p.requires_grad:
-            p.data = p.data.float()
-    unet.train()
-    return LCDModels("lora", unet, None, plain, lcd.guidance_embed_dim, lcd.ema_decay, frozen_dtype)
-
-
-def store_teacher(unet: nn.Module, storage: torch.dtype, run_dtype: torch.dtype) -> torch.dtype:
-    """Keep the frozen teacher's weights in `storage` and return the dtype it computes in: fp32 for an fp32
-    teacher, else the run's. A teacher stored in less than that (bf16 under --mixed-precision no) is cast up one
-    layer at a time during its forward (diffusers' layerwise casting; norms stay in full precision)."""
-    compute = torch.float32 if storage == torch.float32 else run_dtype
-    if storage == compute:
-        unet.to(storage)
-    else:
-        unet.to(compute).enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
-    return compute
-
-
-def base_view(unet: nn.Module) -> nn.Module:
-    """A second UNet module over the SAME weight tensors (no copy): the frozen teacher of LCM-LoRA. Calling it
-    equals the adapted UNet with its adapters disabled, without peft's per-layer wrapper (on small models that
-    wrapper cost ~40% of a teacher forward). Build it on the final device: moving either module later unshares."""
-    with torch.device("meta"):
-        view = type(unet).from_config(unet.config)
-    view.load_state_dict(unet.state_dict(), assign=True)
-    return view.requires_grad_(False).eval()
-
-
-def lora_state_dict(unet: nn.Module) -> dict[str, Tensor]:
-    """The adapter weights with peft's lora_A/lora_B names, which load_lora_weights maps onto every module.
-
-    (diffusers' convert_state_dict_to_diffusers renames attention keys to the old `lora.down` style, and
-    load_lora_weights then silently skips those: the attention adapters would be lost.)"""
-    from peft.utils import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(unet)
-
-
-def save_lora(
-    unet: nn.Module, family: Family, out_dir: Path, lora: LoraConfig, extra: dict[str, str] | None = None
-) -> Path:
-    """pytorch_lora_weights.safetensors that `pipe.load_lora_weights(out_dir)` loads (alpha kept in metadata);
-    `extra` metadata (strings) is added to the file's header."""
-    state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet).items()}
-    metadata = lora_config(lora).to_dict()
-    metadata["target_modules"] = sorted(metadata["target_modules"])
-    family.pipeline_class().save_lora_weights(
-        str(out_dir), unet_lora_layers=state, unet_lora_adapter_metadata=metadata, safe_serialization=True
-    )
-    path = out_dir / "pytorch_lora_weights.safetensors"
-    if extra:
-        add_metadata(path, extra)
-    path.chmod(0o666 & ~current_umask())  # diffusers writes it through a private (0600) temporary file
-    return path
-
-
-def add_metadata(path: Path, extra: dict[str, str]) -> None:
-    """Rewrite a safetensors file with `extra` added to its header metadata (atomically: a temporary file, renamed)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    with safe_open(str(path), "pt") as f:
-        metadata = {**(f.metadata() or {}), **extra}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(load_file(path), tmp, metadata=metadata)
-    tmp.replace(path)
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_full_lcm(student: nn.Module, teacher: Teacher, out_dir: Path, num_ddim_timesteps: int) -> None:
-    """`unet/` plus `pipeline/`: a ready LCM pipeline folder (the family's LCM pipeline class: for SD
-    LatentConsistencyModelPipeline, for SDXL StableDiffusionXLPipeline) with LCMScheduler on the trained grid."""
-    from diffusers import LCMScheduler
-
-    student.save_pretrained(out_dir / "unet")
-    scheduler = LCMScheduler.from_config(teacher.scheduler.config, original_inference_steps=num_ddim_timesteps)
-    family = teacher.family
-    pipe = family.lcm_pipeline_class()(
-        vae=teacher.vae, unet=student, scheduler=scheduler,
-        **family.components(teacher.text_encoders, teacher.tokenizers), **family.pipeline_kwargs, **teacher.extra,
-    )  # fmt: skip
-    pipe.save_pretrained(out_dir / "pipeline", safe_serialization=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 from lcmkit.errors import ConfigError, first_line
 from lcmkit.families import family_of_components, family_of_cross_attention, family_of_keys, family_of_unet_config
-from lcmkit.families.unet import DEFAULT_LORA_TARGETS
+from lcmkit.families.unet import UNET_LORA_TARGETS
 from lcmkit.safe_load import PICKLE_SUFFIXES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -55,7 +55,7 @@ def target_name(module: str, kohya: bool = False) -> str:
     """The LoRA target a module name ends in ('...attn1.to_out.0' -> 'to_out.0', '...resnets.0.conv1' -> 'conv1'):
     the longest known target, else the module's own name (with its index when it ends in one)."""
     sep = "_" if kohya else "."
-    forms = {t: t.replace(".", sep) for t in DEFAULT_LORA_TARGETS}
+    forms = {t: t.replace(".", sep) for t in UNET_LORA_TARGETS}
     known = [t for t, form in forms.items() if module == form or module.endswith(sep + form)]
     if known:
         return max(known, key=len)
@@ -147,7 +147,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         sched_cfg = json.loads(sched.read_text()) if sched.is_file() else {}
         return {
             "path": str(p), "kind": "pipeline", "class": index.get("_class_name"),
-            "family": getattr(family_of_components(index), "name", None),
+            "family": getattr(family_of_components(index, index.get("_class_name", "")), "name", None),
             "full_lcm": unet.get("time_cond_proj_dim") is not None, "scheduler": sched_cfg.get("_class_name"),
             "prediction_type": sched_cfg.get("prediction_type", "epsilon"),
         }  # fmt: skip

@@ -63,7 +63,7 @@ class FewStepGenerator:
             teacher = load_teacher(ModelConfig(teacher=base, teacher_config=base_config, allow_pickle=allow_pickle))
             self.family_spec = teacher.family
             n = num_ddim_timesteps or lcm_lora_ddim_timesteps(loras)
-            self.pipe = lcm_pipeline(teacher, teacher.unet, n)
+            self.pipe = lcm_pipeline(teacher, teacher.denoiser, n)
         self.family = self.family_spec.name
         self.adapters: list[tuple[str, float]] = []
         for i, (path, weight) in enumerate(loras):

@@ -310,7 +310,7 @@ def bench_generate(cfg: GenerateBench) -> dict[str, Any]:
         if device == "cuda":
             torch.cuda.empty_cache()
     teacher = load_teacher(ModelConfig(teacher=cfg.teacher, teacher_config=cfg.teacher_config), dtype)
-    pipe = teacher_pipeline(teacher, teacher.unet, teacher_scheduler(teacher.scheduler.config, cfg.sampler)).to(
+    pipe = teacher_pipeline(teacher, teacher.denoiser, teacher_scheduler(teacher.scheduler.config, cfg.sampler)).to(
         device, dtype
     )
     size = cfg.resolution or default_size(pipe)

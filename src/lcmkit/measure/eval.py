@@ -549,7 +549,7 @@ def build_columns(settings: EvalSettings) -> list[Column]:
     teacher_steps = sorted({*settings.steps, *settings.reference_steps} if chosen is None else {*chosen})
     for sampler in settings.teacher_samplers:
         group = TEACHER_SAMPLERS[sampler]
-        pipe = teacher_pipeline(teacher, teacher.unet, teacher_scheduler(teacher.scheduler.config, sampler))
+        pipe = teacher_pipeline(teacher, teacher.denoiser, teacher_scheduler(teacher.scheduler.config, sampler))
         pipe.to(device, dtype)
         columns += [Column(f"{group} {n}", group, pipe, n, settings.guidance) for n in teacher_steps]
     return columns

@@ -7,18 +7,18 @@ nor whether the student is a full model or a LoRA (the families build `Nets`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from lcmkit.core.schedule import NoiseSchedule
+from lcmkit.core.trajectory import Trajectory
 
 
 class Denoiser(Protocol):
-    """A student or target call: (z_t, t, conditioning, w) -> raw denoiser output (eps, v or x0)."""
+    """A network call: (z_t, t, conditioning, w) -> raw output (eps, v or x0; a flow model's velocity). A network
+    without a guidance input ignores w."""
 
     def __call__(self, z_t: Tensor, t: Tensor, cond: Any, w: Tensor) -> Tensor: ...
 
@@ -29,13 +29,23 @@ class Nets:
 
     student: Denoiser
     """With gradients: the model being trained."""
-    teacher: Callable[[Tensor, Tensor, Any], Tensor]
-    """Frozen: (z_t, t, conditioning) -> raw output, no guidance input."""
+    teacher: Denoiser
+    """Frozen. Takes w only when guidance-distilled (FLUX.1-dev); otherwise guided by an unconditional pass."""
     target: Denoiser
     """No gradients: the EMA of the student (full) or the student itself (LoRA)."""
-    schedule: NoiseSchedule
-    prediction_type: str
-    """What the teacher's raw output is: epsilon, v_prediction or sample."""
+    trajectory: Trajectory
+    """The teacher's ODE: a VP diffusion's DDIM grid or a rectified flow's sigma grid (core/trajectory.py)."""
+    guidance_distilled: bool = False
+    """The teacher takes w itself (one pass, no unconditional branch)."""
+
+    def teacher_outputs(self, z_t: Tensor, t: Tensor, batch: Batch, w: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(conditional, unconditional) teacher outputs in float32, from ONE batched forward over [cond; uncond];
+        a guidance-distilled teacher gives its guided output and None."""
+        if self.guidance_distilled:
+            return self.teacher(z_t, t, batch.cond, w).float(), None
+        z2, t2, w2 = torch.cat([z_t, z_t]), torch.cat([t, t]), torch.cat([w, w])
+        out_cond, out_uncond = self.teacher(z2, t2, batch.cond.cat(batch.uncond), w2).float().chunk(2)
+        return out_cond, out_uncond
 
 
 @dataclass

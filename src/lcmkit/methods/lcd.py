@@ -1,6 +1,7 @@
 """Latent Consistency Distillation (Luo et al. 2023, Algorithm 1) as one method object.
 
-Notation follows the LCM paper: a skipping step k over a DDIM grid, t_n_plus_k -> t_n, guidance scale w,
+Notation follows the LCM paper: a skipping step k over the teacher's solver grid (DDIM timesteps, or a flow
+teacher's sigmas: core/trajectory.py), t_n_plus_k -> t_n, guidance scale w,
 boundary scalings c_skip / c_out, consistency function f. The loss does not know whether the student is a full
 LCM or an LCM-LoRA, nor which family the teacher is: both are hidden behind `Nets` and the conditioning object.
 """
@@ -13,9 +14,7 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from lcmkit.core.consistency import consistency_function, pseudo_huber
-from lcmkit.core.schedule import append_dims, sample_timestep_pairs
-from lcmkit.core.solver import guided_ddim_step
+from lcmkit.core.consistency import pseudo_huber
 from lcmkit.methods.base import Batch, Nets
 
 
@@ -23,10 +22,11 @@ from lcmkit.methods.base import Batch, Nets
 class LCDSettings:
     """LCD's hyperparameters (DESIGN.md section 1); the defaults are the reference scripts'."""
 
-    w_min: float = 3.0
-    """Lowest guidance scale w sampled per sample (the student learns the whole range)."""
-    w_max: float = 15.0
-    """Highest guidance scale w sampled per sample."""
+    w_min: float | None = None
+    """Lowest guidance scale w sampled per sample (the student learns the whole range); default: the family's
+    (SD/SDXL 3, the reference scripts'; SD3 2.5; FLUX.1-dev 1.5)."""
+    w_max: float | None = None
+    """Highest guidance scale w sampled per sample; default: the family's (SD/SDXL 15; SD3 6; FLUX.1-dev 4)."""
     num_ddim_timesteps: int = 50
     """N, the teacher's DDIM skipping schedule: the ODE solver steps k = 1000 / N apart."""
     loss: str = "huber"
@@ -47,10 +47,8 @@ class LCD:
 
     def f(self, nets: Nets, model_output: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
         """The consistency function f(z_t, t) of a raw network output (LCM paper eq. 9)."""
-        s = self.settings
-        return consistency_function(
-            model_output, z_t, t, nets.schedule, nets.prediction_type, s.sigma_data, s.timestep_scaling
-        )
+        return nets.trajectory.consistency(model_output, z_t, t, self.settings.sigma_data,
+                                           self.settings.timestep_scaling)  # fmt: skip
 
     def distance(self, pred: Tensor, target: Tensor) -> Tensor:
         if self.settings.loss == "l2":
@@ -58,30 +56,25 @@ class LCD:
         return pseudo_huber(pred, target, self.settings.huber_c).mean()
 
     def loss(self, nets: Nets, batch: Batch, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
-        s, schedule = self.settings, nets.schedule
+        s, ode = self.settings, nets.trajectory
         z0 = batch.z0.float()
-        n, device, nd = z0.shape[0], z0.device, z0.ndim
+        n, device = z0.shape[0], z0.device
 
-        # Skipping-step pair (t_n_plus_k, t_n) on the DDIM grid, noise, and a guidance scale w per example.
-        t_n_plus_k, t_n = sample_timestep_pairs(n, schedule.num_train_timesteps, s.num_ddim_timesteps, generator,
-                                                device)  # fmt: skip
+        # Skipping-step pair (t_n_plus_k, t_n) on the solver grid, noise, and a guidance scale w per example.
+        t_n_plus_k, t_n = ode.sample_pairs(n, s.num_ddim_timesteps, generator, device)
         eps = torch.randn(z0.shape, generator=generator, device=device)
         w = s.w_min + (s.w_max - s.w_min) * torch.rand(n, generator=generator, device=device)
-        alpha_nk, sigma_nk = (append_dims(x, nd) for x in schedule.alpha_sigma(t_n_plus_k))
-        alpha_n, sigma_n = (append_dims(x, nd) for x in schedule.alpha_sigma(t_n))
-        z_n_plus_k = alpha_nk * z0 + sigma_nk * eps
+        z_n_plus_k = ode.noised(z0, eps, t_n_plus_k)
 
         # Student: f_theta(z_{n+k}, t_{n+k}, c, w), with gradients.
         with record_function("lcd/student_forward"):
             f_student = self.f(nets, nets.student(z_n_plus_k, t_n_plus_k, batch.cond, w), z_n_plus_k, t_n_plus_k)
 
         with torch.no_grad():
-            # Teacher: ONE forward over [cond; uncond], then one guided DDIM step from t_{n+k} to t_n.
+            # Teacher: one batched forward over [cond; uncond], then one guided solver step from t_{n+k} to t_n.
             with record_function("lcd/teacher"):
-                z2, t2 = torch.cat([z_n_plus_k, z_n_plus_k]), torch.cat([t_n_plus_k, t_n_plus_k])
-                out_cond, out_uncond = nets.teacher(z2, t2, batch.cond.cat(batch.uncond)).float().chunk(2)
-            z_n = guided_ddim_step(out_cond, out_uncond, z_n_plus_k, alpha_nk, sigma_nk, alpha_n, sigma_n,
-                                   append_dims(w, nd), nets.prediction_type)  # fmt: skip
+                out_cond, out_uncond = nets.teacher_outputs(z_n_plus_k, t_n_plus_k, batch, w)
+            z_n = ode.solver_step(out_cond, out_uncond, z_n_plus_k, t_n_plus_k, t_n, w)
 
             # Target: f_theta-(z_n, t_n, c, w) (the EMA student for full LCD, the student itself for LoRA).
             with record_function("lcd/target"):

@@ -31,7 +31,7 @@ def import_kohya(
     if not modules:
         raise ConfigError(f"{lora} has no kohya UNet keys (lora_unet_...)")
     teacher = load_teacher(ModelConfig(teacher=base, teacher_config=base_config, allow_pickle=allow_pickle))
-    pipe = teacher_pipeline(teacher, teacher.unet, teacher.scheduler)  # only to load the LoRA into
+    pipe = teacher_pipeline(teacher, teacher.denoiser, teacher.scheduler)  # only to load the LoRA into
     try:
         pipe.load_lora_weights(str(src.parent), weight_name=src.name, adapter_name="lcm")
     except Exception as e:
