@@ -173,9 +173,9 @@ def test_bf16_teacher_computes_in_fp32_layer_by_layer(tiny_sd):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 4, 8, 8, generator=g)
     t = torch.tensor([999, 500])
-    cond = Conditioning(torch.randn(2, 77, reference.unet.config.cross_attention_dim, generator=g))
+    cond = Conditioning(torch.randn(2, 77, reference.denoiser.config.cross_attention_dim, generator=g))
     with torch.no_grad():
-        a, b = plain.teacher(z, t, cond), lean.teacher(z, t, cond)
+        a, b = plain.teacher(z, t, cond, None), lean.teacher(z, t, cond, None)
     assert b.dtype == torch.float32
     assert dict((n, p.dtype) for n, p in lean.teacher_net.named_parameters()) == dtypes  # back to storage
     assert 0 < (a - b).abs().max() < 0.05 * a.abs().max()  # bf16 weights: close, not equal

@@ -242,7 +242,7 @@ def test_a_pickle_only_teacher_component_is_refused_unless_allowed(capsys, tiny_
         load_teacher(ModelConfig(teacher=str(teacher)))
     loaded = load_teacher(ModelConfig(teacher=str(teacher), allow_pickle=True))
     reference = load_teacher(ModelConfig(teacher=tiny_sd))
-    for a, b in zip(loaded.unet.parameters(), reference.unet.parameters()):
+    for a, b in zip(loaded.denoiser.parameters(), reference.denoiser.parameters()):
         assert torch.equal(a, b)
 
 
@@ -280,7 +280,7 @@ def test_a_pickle_single_file_teacher_loads_only_when_allowed(tiny_sd, tmp_path)
         load_teacher(ModelConfig(teacher=str(ckpt), teacher_config=tiny_sd))
     loaded = load_teacher(ModelConfig(teacher=str(ckpt), teacher_config=tiny_sd, allow_pickle=True))
     reference = load_teacher(ModelConfig(teacher=str(single), teacher_config=tiny_sd))
-    for a, b in zip(loaded.unet.parameters(), reference.unet.parameters()):
+    for a, b in zip(loaded.denoiser.parameters(), reference.denoiser.parameters()):
         assert torch.equal(a, b)
 
 

@@ -99,8 +99,10 @@ def create_app(generator: FewStepGenerator, info: dict[str, Any] | None = None) 
     service = GenerationService(generator)
     app = FastAPI(title="lcmkit serve", docs_url="/api/docs", redoc_url=None)
     app.state.service = service
+    from lcmkit.infer.pipelines import default_size
+
     page = resources.files("lcmkit.app").joinpath("serve_page.html").read_text()
-    size = int(generator.pipe.unet.config.sample_size) * int(generator.pipe.vae_scale_factor)
+    size = default_size(generator.pipe)
     model_info = {
         "family": generator.family, "full": generator.full, "teacher": generator.has_teacher,
         "default_guidance": generator.default_guidance, "size": size, **(info or {}),

@@ -12,6 +12,17 @@ def ddim_step(x0_hat: Tensor, eps_hat: Tensor, alpha_prev: Tensor, sigma_prev: T
     return alpha_prev * x0_hat + sigma_prev * eps_hat
 
 
+def guidance_scale(w: float) -> float:
+    """diffusers' guidance_scale of the LCM paper's w: w + 1. The paper guides as cond + w (cond - uncond) (eq. 7),
+    diffusers as uncond + s (cond - uncond), so s = w + 1; LatentConsistencyModelPipeline embeds s - 1 = w."""
+    return w + 1.0
+
+
+def w_of(guidance_scale: float) -> float:
+    """The LCM paper's w of a diffusers guidance_scale (the inverse of guidance_scale())."""
+    return guidance_scale - 1.0
+
+
 def guided(cond: Tensor, uncond: Tensor, w: Tensor) -> Tensor:
     """cond + w (cond - uncond): the LCM paper's w (eq. 7), i.e. classifier-free scale w + 1 (see runtime.py)."""
     return cond + w * (cond - uncond)

@@ -22,7 +22,7 @@ class Validator:
     def __call__(self, step: int) -> Path:
         cfg = self.cfg
         unet = self.models.student_net
-        guidance = default_guidance_scale(self.models.mode == "full")
+        guidance = default_guidance_scale(self.models.mode == "full", self.teacher.family)
         pipe = lcm_pipeline(self.teacher, unet, cfg.lcd.num_ddim_timesteps)
         unet.eval()
         try:

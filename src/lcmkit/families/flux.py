@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lcmkit.core.solver import guidance_scale
 from lcmkit.errors import ConfigError
 from lcmkit.families.base import Family
 from lcmkit.families.conditioning import Conditioning
@@ -49,12 +50,12 @@ def denoise(
     dtype: torch.dtype | None = None,
 ) -> Tensor:  # fmt: skip
     """The velocity at (z_t, sigma), unpacked to (B, C, H, W). A transformer with a guidance embedding (FLUX.1-dev and
-    its students) gets the guidance scale w + 1, as FluxPipeline passes guidance_scale."""
+    its students) gets diffusers' guidance scale w + 1, as FluxPipeline passes guidance_scale."""
     dtype = weights_dtype(transformer, dtype)
     config = getattr(transformer, "module", transformer).config
     h, w_ = z_t.shape[-2:]
     text = cond.hidden_states.to(dtype)
-    guidance = (w.float() + 1) if config.guidance_embeds and w is not None else None
+    guidance = guidance_scale(w.float()) if config.guidance_embeds and w is not None else None
     out = transformer(
         hidden_states=pack(z_t).to(dtype), timestep=sigma.float(), guidance=guidance,
         pooled_projections=pooled(cond, "FLUX").to(dtype), encoder_hidden_states=text,

@@ -13,7 +13,7 @@ from lcmkit.families import family_of_pipeline
 from lcmkit.families.base import Family
 from lcmkit.infer.fast_vae import subpixel_vae_decoder
 from lcmkit.infer.loras import check_lora_matches
-from lcmkit.infer.pipelines import compile_for_inference, lcm_pipeline, run_batched
+from lcmkit.infer.pipelines import compile_for_inference, denoiser_of, lcm_pipeline, run_batched
 from lcmkit.infer.sampling import (
     DEFAULT_TCD_GAMMA,
     LORA_GUIDANCE_SCALE,
@@ -68,7 +68,7 @@ class FewStepGenerator:
         self.adapters: list[tuple[str, float]] = []
         for i, (path, weight) in enumerate(loras):
             file = lora_file(path, allow_pickle)
-            check_lora_matches(self.pipe.unet, file, self.family_spec)
+            check_lora_matches(denoiser_of(self.pipe), file, self.family_spec)
             name = f"lora{i}"
             self.pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
             self.adapters.append((name, weight))
@@ -118,9 +118,12 @@ class FewStepGenerator:
             pipe = DiffusionPipeline.from_pretrained(
                 folder, **dtype_kwarg(torch.float32), use_safetensors=None if allow_pickle else True
             )
-        if getattr(pipe.unet.config, "time_cond_proj_dim", None) is None:
-            raise ConfigError(f"--lcm {lcm}: its UNet has no guidance input (time_cond_proj_dim): not a full LCM")
         family = family_of_pipeline(pipe)
+        if family.flow and type(pipe.scheduler).__name__ != "FlowMatchLCMScheduler":
+            raise ConfigError(f"--lcm {lcm}: its scheduler is {type(pipe.scheduler).__name__}, not "
+                              "FlowMatchLCMScheduler (what lcmkit saves a full flow student with): not a full LCM")
+        if not family.flow and getattr(pipe.unet.config, "time_cond_proj_dim", None) is None:
+            raise ConfigError(f"--lcm {lcm}: its UNet has no guidance input (time_cond_proj_dim): not a full LCM")
         # One code path: the family's plain pipeline feeds guidance_scale - 1 to timestep_cond and runs no CFG for
         # such a UNet, and (unlike LatentConsistencyModelPipeline) passes TCD's gamma to the scheduler.
         return family.pipeline_class().from_pipe(pipe), family
@@ -143,7 +146,7 @@ class FewStepGenerator:
     @property
     def default_guidance(self) -> float:
         """Full LCM: the w input (diffusers' default); LCM-LoRA: 1 (no classifier-free guidance)."""
-        return default_guidance_scale(self.full)
+        return default_guidance_scale(self.full, self.family_spec)
 
     def __call__(
         self,

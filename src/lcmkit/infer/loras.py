@@ -33,7 +33,8 @@ def lora_target_modules(path: str | Path, family: Family) -> dict[str, tuple[int
         for marker in (".lora_A.weight", ".lora.down.weight", ".lora_A.default.weight"):
             if key.endswith(marker) and not key.startswith("text_encoder"):
                 name = key[: -len(marker)]
-                targets[name.removeprefix("unet.").removeprefix("base_model.model.")] = shape
+                name = name.removeprefix("unet.").removeprefix("transformer.").removeprefix("base_model.model.")
+                targets[name] = shape
     return targets
 
 
@@ -43,13 +44,14 @@ def check_lora_matches(unet: torch.nn.Module, path: str | Path, family: Family) 
 
     targets = lora_target_modules(path, family)
     if not targets:
-        raise ConfigError(f"LoRA {path} has no UNet LoRA weights (diffusers/peft lora_A or kohya lora_unet_ keys)")
+        raise ConfigError(f"LoRA {path} has no {family.denoiser} LoRA weights (diffusers/peft lora_A or kohya "
+                          "lora_unet_ keys)")  # fmt: skip
     modules = dict(unet.named_modules())
     matched = [n for n in targets if n in modules]
     if not matched:
         example = next(iter(targets))
-        raise ConfigError(f"LoRA {path} matches no module of this {family.name.upper()} UNet (e.g. {example}): "
-                          "it was made for another model")  # fmt: skip
+        raise ConfigError(f"LoRA {path} matches no module of this {family.name.upper()} {family.denoiser} "
+                          f"(e.g. {example}): it was made for another model")  # fmt: skip
     for name in matched:
         layer = modules[name]
         fan_in = layer.in_channels if hasattr(layer, "in_channels") else getattr(layer, "in_features", None)

@@ -7,30 +7,39 @@ from typing import Any
 import torch
 from PIL import Image
 
+from lcmkit.families import family_of_pipeline
 from lcmkit.families.teacher import Teacher
 
 
-def teacher_pipeline(teacher: Teacher, unet: torch.nn.Module, scheduler: Any) -> Any:
-    """The family's pipeline (e.g. StableDiffusionPipeline) over the teacher's components with `unet` and
-    `scheduler`."""
+def teacher_pipeline(teacher: Teacher, denoiser: torch.nn.Module, scheduler: Any) -> Any:
+    """The family's pipeline (e.g. StableDiffusionPipeline) over the teacher's components with `denoiser` (its UNet
+    or transformer) and `scheduler`."""
     family = teacher.family
     pipe = family.pipeline_class()(
-        vae=teacher.vae, unet=unet, scheduler=scheduler,
+        vae=teacher.vae, scheduler=scheduler, **{family.denoiser: denoiser},
         **family.components(teacher.text_encoders, teacher.tokenizers), **family.pipeline_kwargs,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def lcm_pipeline(teacher: Teacher, unet: torch.nn.Module, num_ddim_timesteps: int) -> Any:
-    """The teacher's pipeline with `unet` and LCMScheduler.
+def lcm_pipeline(teacher: Teacher, denoiser: torch.nn.Module, num_ddim_timesteps: int) -> Any:
+    """The teacher's pipeline with `denoiser` and LCMScheduler on the distilled grid (a flow teacher:
+    FlowMatchLCMScheduler with the teacher's shift).
 
     A full LCM UNet (time_cond_proj_dim set) takes guidance_scale as its w input (no CFG pass);
     an LCM-LoRA UNet is run with guidance_scale 1 (no CFG either)."""
-    from diffusers import LCMScheduler
+    from diffusers import FlowMatchLCMScheduler, LCMScheduler
 
+    if teacher.family.flow:
+        return teacher_pipeline(teacher, denoiser, FlowMatchLCMScheduler.from_config(teacher.scheduler.config))
     scheduler = LCMScheduler.from_config(teacher.scheduler.config, original_inference_steps=num_ddim_timesteps)
-    return teacher_pipeline(teacher, unet, scheduler)
+    return teacher_pipeline(teacher, denoiser, scheduler)
+
+
+def denoiser_of(pipe: Any) -> torch.nn.Module:
+    """A pipeline's UNet or transformer."""
+    return getattr(pipe, family_of_pipeline(pipe).denoiser)
 
 
 @torch.no_grad()
@@ -53,6 +62,9 @@ def run_batched(
 
     images: list[Image.Image] = []
     negative = kwargs.pop("negative_prompt", None)
+    # FlowMatchLCMScheduler re-noises from torch's global generator (SD3/FLUX pipelines pass it none): seeded
+    # per batch, so a flow model's few-step image depends on its batch, unless batch_size is 1.
+    global_noise = type(pipe.scheduler).__name__ == "FlowMatchLCMScheduler"
     for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
         chunk = prompts[start : start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
@@ -62,7 +74,9 @@ def run_batched(
             given = latents[start : start + len(chunk)]
             for g in generators:
                 torch.randn((1, *given.shape[1:]), generator=g)
-            kwargs["latents"] = given.to(pipe.device, pipe.unet.dtype)
+            kwargs["latents"] = given.to(pipe.device, denoiser_of(pipe).dtype)
+        if global_noise:
+            torch.manual_seed(seed + start)
         images += pipe(chunk, generator=generators, output_type="pil", **kwargs).images
     return images
 
@@ -77,8 +91,10 @@ def initial_noise(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tenso
 
 
 def default_size(pipe: Any) -> int:
-    """The pipeline's native square size in pixels (UNet sample_size x VAE scale factor)."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    """The pipeline's native square size in pixels (the denoiser's sample_size, else the pipeline's default, x VAE
+    scale factor)."""
+    size = denoiser_of(pipe).config.get("sample_size") or pipe.default_sample_size
+    return int(size) * int(pipe.vae_scale_factor)
 
 
 def generate(
@@ -97,7 +113,7 @@ def compile_for_inference(pipe: Any) -> None:
     full-size SD1.5 UNet call at 256 px on a 2-core CPU (2.33 -> 1.76 s), outputs equal within 1e-5. The first
     call compiles (minutes on a CPU); a new batch size or resolution compiles again."""
     options = {"freezing": pipe.device.type == "cpu"}  # for these modules only: training must never freeze
-    pipe.unet.compile(options=options)
+    denoiser_of(pipe).compile(options=options)
     pipe.vae.decoder.compile(options=options)
 
 

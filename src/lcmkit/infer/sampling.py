@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lcmkit.core.solver import guidance_scale, w_of
+from lcmkit.families.base import Family
 from lcmkit.methods.lcd import LCDSettings
 
 TEACHER_GUIDANCE_SCALE = 7.5
@@ -15,6 +17,8 @@ FULL_LCM_GUIDANCE_SCALE = 8.5
 """A full LCM's guidance_scale when none is given: diffusers' LatentConsistencyModelPipeline default (w = 7.5)."""
 LORA_GUIDANCE_SCALE = 1.0
 """An LCM-LoRA's guidance_scale: 1 runs no classifier-free guidance pass (the LoRA learned the guided ODE)."""
+GUIDANCE_INPUT_SCALE = 3.5
+"""A guidance-distilled model's guidance input (FLUX.1-dev and its students) when none is given: FluxPipeline's."""
 DEFAULT_TCD_GAMMA = 0.3
 """TCDScheduler's gamma (passed as eta) when none is given: the TCD paper's default."""
 LCMSCHEDULER_DEFAULT_GRID = 50
@@ -22,18 +26,17 @@ LCMSCHEDULER_DEFAULT_GRID = 50
 METADATA_PREFIX = "lcmkit."
 
 
-def guidance_scale(w: float) -> float:
-    """diffusers' guidance_scale of the LCM paper's w: w + 1. The paper guides as cond + w (cond - uncond) (eq. 7),
-    diffusers as uncond + s (cond - uncond), so s = w + 1; LatentConsistencyModelPipeline embeds s - 1 = w."""
-    return w + 1.0
+__all__ = ["guidance_scale", "w_of"]  # the conversion lives in core/solver.py; sampling code imports it from here
 
 
-def w_of(guidance_scale: float) -> float:
-    """The LCM paper's w of a diffusers guidance_scale (the inverse of guidance_scale())."""
-    return guidance_scale - 1.0
-
-
-def default_guidance_scale(full: bool) -> float:
+def default_guidance_scale(full: bool, family: Family | None = None) -> float:
+    """A distilled model's guidance_scale when none is given. A guidance-distilled family (FLUX.1-dev): its guidance
+    input. Another flow family (SD3): 1, no CFG pass (the student learned the guided ODE, and has no w input).
+    A UNet: a full LCM's w input, or 1 for an LCM-LoRA."""
+    if family is not None and family.guidance_distilled:
+        return GUIDANCE_INPUT_SCALE
+    if family is not None and family.flow:
+        return LORA_GUIDANCE_SCALE
     return FULL_LCM_GUIDANCE_SCALE if full else LORA_GUIDANCE_SCALE
 
 

@@ -1,19 +1,30 @@
-"""Samplers: the teacher's (DDIM, DPM-Solver++) and a distilled model's (LCMScheduler, TCDScheduler)."""
+"""Samplers: the teacher's (DDIM, DPM-Solver++, Euler) and a distilled model's (LCMScheduler, TCDScheduler; for a
+rectified-flow model FlowMatchLCMScheduler)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-SAMPLERS = ("ddim", "dpm++")
+SAMPLERS = ("ddim", "dpm++", "euler")
 
 
 LCM_SAMPLERS = ("lcm", "tcd")
 
 
-def teacher_scheduler(config: Any, sampler: str) -> Any:
-    """The teacher's noise schedule under DDIM or DPM-Solver++ (2nd order multistep)."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+def is_flow(config: Any) -> bool:
+    """Whether a scheduler config is a rectified-flow one (SD3, FLUX: diffusers' FlowMatch* schedulers)."""
+    return str(config.get("_class_name", "")).startswith("FlowMatch")
 
+
+def teacher_scheduler(config: Any, sampler: str) -> Any:
+    """The teacher's noise schedule under DDIM, DPM-Solver++ (2nd order multistep) or Euler. A flow teacher: Euler
+    is its own FlowMatchEulerDiscreteScheduler, DPM-Solver++ runs on its flow sigmas (same shift); DDIM is refused."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    if is_flow(config):
+        return flow_teacher_scheduler(config, sampler)
+    if sampler == "euler":
+        return EulerDiscreteScheduler.from_config(config)
     if sampler == "ddim":  # DDIM's default clip_sample=True would clip latents to [-1, 1]: SD configs set False
         return DDIMScheduler.from_config(config, **({} if "clip_sample" in config else {"clip_sample": False}))
     if sampler == "dpm++":
@@ -23,16 +34,35 @@ def teacher_scheduler(config: Any, sampler: str) -> Any:
     raise ConfigError(f"sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
 
 
+def flow_teacher_scheduler(config: Any, sampler: str) -> Any:
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    if sampler == "euler":
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
+    if sampler == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", use_flow_sigmas=True,
+                                                       prediction_type="flow_prediction",
+                                                       flow_shift=config.get("shift", 1.0))  # fmt: skip
+    from lcmkit.errors import ConfigError
+
+    raise ConfigError(f"sampler {sampler!r} for a rectified-flow teacher: choose euler or dpm++")
+
+
 def few_step_scheduler(config: Any, sampler: str) -> Any:
     """A distilled model's sampler over `config`'s noise schedule: LCMScheduler (the LCM paper's multistep
     consistency sampling), or TCDScheduler (Zheng et al. 2024's strategic stochastic sampling: each step goes
     back to an intermediate time set by gamma, passed to the pipeline as eta; gamma 1 is LCM's sampling)."""
-    from diffusers import LCMScheduler, TCDScheduler
+    from diffusers import FlowMatchLCMScheduler, LCMScheduler, TCDScheduler
+
+    from lcmkit.errors import ConfigError
 
     if sampler not in LCM_SAMPLERS:
-        from lcmkit.errors import ConfigError
-
         raise ConfigError(f"sampler {sampler!r}: choose one of {', '.join(LCM_SAMPLERS)}")
+    if is_flow(config):
+        if sampler != "lcm":
+            raise ConfigError(f"--scheduler {sampler}: a rectified-flow model (SD3, FLUX) samples with "
+                              "FlowMatchLCMScheduler: use --scheduler lcm")  # fmt: skip
+        return FlowMatchLCMScheduler.from_config(config)
     return (LCMScheduler if sampler == "lcm" else TCDScheduler).from_config(config)
 
 

@@ -190,6 +190,8 @@ def bench_pipeline(
 
     import torch
 
+    from lcmkit.infer.pipelines import denoiser_of
+
     cuda = pipe.device.type == "cuda"
 
     def call() -> None:
@@ -200,7 +202,7 @@ def bench_pipeline(
     for _ in range(warmup):
         call()
     reset_peak_memory(cuda)
-    spans, remove = unet_marks(pipe.unet, cuda)
+    spans, remove = unet_marks(denoiser_of(pipe), cuda)
     end_to_end, unet_only, calls = [], [], 0
     try:
         for _ in range(repeats):

@@ -558,7 +558,7 @@ def build_columns(settings: EvalSettings) -> list[Column]:
 def run_eval(settings: EvalSettings, scorers: list[Scorer] | None = None) -> dict[str, Any]:
     """Sample every column, score it against the reference, write eval.json/md, quality.png and grid.png."""
     from lcmkit.infer.images import image_grid
-    from lcmkit.infer.pipelines import default_size, initial_noise
+    from lcmkit.infer.pipelines import default_size, denoiser_of, initial_noise
     from lcmkit.measure.system import machine
 
     settings.check()
@@ -568,7 +568,7 @@ def run_eval(settings: EvalSettings, scorers: list[Scorer] | None = None) -> dic
     columns = build_columns(settings)
     pipe = columns[-1].pipe
     size = settings.size or default_size(pipe)
-    shape = (int(pipe.unet.config.in_channels), size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    shape = (int(denoiser_of(pipe).config.in_channels), size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     noise = initial_noise(len(settings.prompts), shape, settings.seed)
     sample_columns(columns, settings.prompts, noise, settings.seed, settings.batch_size, size, settings.progress)
     reference = next((c.images for c in columns if (c.group, c.steps) == REFERENCE), [])
@@ -582,7 +582,8 @@ def run_eval(settings: EvalSettings, scorers: list[Scorer] | None = None) -> dic
         "lcm_samplers": list(settings.lcm_samplers), "tcd_gamma": settings.tcd_gamma,
         "n_images": len(settings.prompts), "seed": settings.seed, "resolution": size,
         "batch_size": settings.batch_size, "device": str(pipe.device),
-        "dtype": str(pipe.unet.dtype).removeprefix("torch."), "machine": machine(), "total_s": time.perf_counter() - t0,
+        "dtype": str(denoiser_of(pipe).dtype).removeprefix("torch."), "machine": machine(),
+        "total_s": time.perf_counter() - t0,
     }  # fmt: skip
     table = write_report(columns, out, info)
     return {"table": table, "out": str(out), **info}

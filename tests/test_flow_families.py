@@ -1,0 +1,189 @@
+"""SD3/SD3.5 and FLUX.1 on tiny real-architecture teachers: lcmkit's conditioning and denoiser call agree with the
+diffusers pipelines; distilled LoRAs load in StableDiffusion3Pipeline / FluxPipeline and change the few-step image;
+full students are ready pipeline folders; a resumed run retraces the same losses; bad teachers get one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_distill_e2e import distill_args, losses, run_cli
+
+from lcmkit.families.flux import pack, unpack
+from lcmkit.families.teacher import ModelConfig, load_teacher
+
+FAMILIES = ["sd3", "flux"]
+
+
+@pytest.fixture(scope="module")
+def teachers(tiny_sd3, tiny_flux) -> dict[str, str]:
+    return {"sd3": tiny_sd3, "flux": tiny_flux}
+
+
+def pipeline(path: str, lcm_scheduler: bool = True):
+    from diffusers import DiffusionPipeline, FlowMatchLCMScheduler
+
+    pipe = DiffusionPipeline.from_pretrained(path)
+    if lcm_scheduler:
+        pipe.scheduler = FlowMatchLCMScheduler.from_config(pipe.scheduler.config)
+    return pipe.set_progress_bar_config(disable=True) or pipe
+
+
+def sample(pipe, steps: int = 4, guidance: float = 1.0, seed: int = 0) -> np.ndarray:
+    """FlowMatchLCMScheduler draws its re-noising from torch's global generator (the pipelines pass it none)."""
+    torch.manual_seed(seed)
+    out = pipe("a red square", num_inference_steps=steps, guidance_scale=guidance, height=64, width=64,
+               generator=torch.Generator().manual_seed(seed), output_type="np")  # fmt: skip
+    return out.images
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_text_conditioning_matches_the_pipeline(teachers, name):
+    teacher = load_teacher(ModelConfig(teacher=teachers[name]))
+    pipe = pipeline(teachers[name], lcm_scheduler=False)
+    prompts = ["a red square on a blue background", "a cat"]
+    cond = teacher.conditioner().encode(prompts)
+    if name == "sd3":
+        hidden, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False)
+    else:
+        hidden, pooled, _ = pipe.encode_prompt(prompts, prompts)
+    torch.testing.assert_close(cond.hidden_states, hidden, rtol=1e-4, atol=1e-4)  # same layout, same encoders
+    torch.testing.assert_close(cond.pooled, pooled, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_denoiser_call_matches_the_pipeline(teachers, name):
+    """One Euler step from pure noise (sigma 1 -> 0) through the pipeline equals z - v from lcmkit's call."""
+    teacher = load_teacher(ModelConfig(teacher=teachers[name]))
+    pipe = pipeline(teachers[name], lcm_scheduler=False)
+    noise = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    guidance = 3.0 if name == "flux" else 1.0
+    latents = pack(noise) if name == "flux" else noise
+    out = pipe("a red square", num_inference_steps=1, guidance_scale=guidance, height=64, width=64, latents=latents,
+               output_type="latent").images  # fmt: skip
+    if name == "flux":
+        out = unpack(out, 8, 8)
+    cond = teacher.conditioner().encode(["a red square"])
+    with torch.no_grad():
+        v = teacher.family.call(teacher.denoiser, noise, torch.ones(1), cond, torch.tensor([guidance - 1.0]), None)
+    torch.testing.assert_close(out, noise - v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def lora_runs(teachers, shards, tmp_path_factory) -> dict[str, Path]:
+    runs = {}
+    for name, teacher in teachers.items():
+        out = tmp_path_factory.mktemp(f"{name}-lora")
+        assert run_cli(*distill_args(teacher, shards, out, "lora", "--learning-rate", "1e-2", "--overwrite")) == 0
+        runs[name] = out
+    return runs
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_lora_loads_in_the_diffusers_pipeline_and_changes_the_image(teachers, lora_runs, name):
+    out = lora_runs[name]
+    pipe = pipeline(teachers[name])
+    guidance = 3.0 if name == "flux" else 1.0  # FLUX: the guidance input; SD3: no CFG pass with an LCM-LoRA
+    before = sample(pipe, guidance=guidance)
+    assert np.array_equal(before, sample(pipe, guidance=guidance))  # seeded: only the LoRA can change it
+    pipe.load_lora_weights(str(out))
+    after = sample(pipe, guidance=guidance)
+    assert np.abs(after - before).max() > 1e-3
+    record = json.loads((out / "lcmkit_run.json").read_text())
+    assert record["family"] == name and record["mode"] == "lora"
+    assert all(np.isfinite(list(losses(out).values())))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_full_student_is_a_ready_pipeline(teachers, shards, tmp_path, name):
+    extra = ["--w-min", "3", "--w-max", "3"] if name == "sd3" else []
+    out = tmp_path / "full"
+    assert run_cli(*distill_args(teachers[name], shards, out, "full", *extra)) == 0
+    assert (out / "transformer" / "config.json").is_file() and (out / "transformer_online").is_dir()
+    pipe = pipeline(str(out / "pipeline"), lcm_scheduler=False)
+    assert type(pipe.scheduler).__name__ == "FlowMatchLCMScheduler"
+    images = sample(pipe, steps=2, guidance=4.0 if name == "flux" else 1.0)
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_resume_retraces_the_uninterrupted_run(teachers, shards, tmp_path, name):
+    common = ["--checkpoint-every", "4", "--seed", "3", "--max-steps", "8"]
+    whole, stopped = tmp_path / "a", tmp_path / "b"
+    assert run_cli(*distill_args(teachers[name], shards, whole, "lora", *common)) == 0
+    assert run_cli(*distill_args(teachers[name], shards, stopped, "lora", *common[:-1], "5")) == 0
+    (stopped / "lcmkit_run.json").unlink()
+    assert run_cli(*distill_args(teachers[name], shards, stopped, "lora", *common, "--resume", "latest")) == 0
+    a, b = losses(whole), losses(stopped)
+    assert sorted(b) == list(range(1, 9))
+    for step in range(5, 9):
+        assert b[step] == a[step], step
+
+
+def one_line_error(capsys, *args: str) -> str:
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_flux_folder_without_t5_is_refused(tiny_flux, shards, tmp_path, capsys):
+    broken = tmp_path / "flux-no-t5"
+    shutil.copytree(tiny_flux, broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    err = one_line_error(capsys, *distill_args(str(broken), shards, tmp_path / "o", "lora"))
+    assert "text_encoder_2 (T5)" in err and str(broken) in err
+
+
+def test_schnell_teacher_is_refused(shards, tmp_path, capsys):
+    from tiny_models import make_tiny_flux
+
+    schnell = make_tiny_flux(tmp_path / "schnell", schnell=True)
+    err = one_line_error(capsys, *distill_args(str(schnell), shards, tmp_path / "o", "lora"))
+    assert "schnell" in err and "FLUX.1-dev" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_sd3_full_student_with_a_w_range_is_refused(tiny_sd3, shards, tmp_path, capsys):
+    err = one_line_error(capsys, *distill_args(tiny_sd3, shards, tmp_path / "o", "full", "--w-min", "2"))
+    assert "--w-min" in err and "--mode lora" in err and "[2, 6]" in err
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_generate_with_the_lora_and_the_full_student(teachers, lora_runs, tmp_path, name):
+    from lcmkit.infer.generator import FewStepGenerator
+
+    gen = FewStepGenerator(teachers[name], [(str(lora_runs[name]), 1.0)])
+    assert type(gen.pipe.scheduler).__name__ == "FlowMatchLCMScheduler"
+    assert gen.default_guidance == (3.5 if name == "flux" else 1.0)  # FLUX: its guidance input; SD3: no CFG pass
+    a = gen(["a red square", "a cat"], steps=4, width=64, height=64)
+    b = gen(["a red square", "a cat"], steps=4, width=64, height=64)
+    assert [np.asarray(x).tolist() for x in a] == [np.asarray(x).tolist() for x in b]  # seeded, also the re-noising
+    teacher = gen.teacher(["a red square"], steps=3, guidance=3.0, width=64, height=64, sampler="euler")
+    assert np.abs(np.asarray(teacher[0], float) - np.asarray(a[0], float)).max() > 0
+    err = "--scheduler tcd: a rectified-flow model (SD3, FLUX) samples with FlowMatchLCMScheduler"
+    with pytest.raises(Exception, match=err.replace("(", r"\(").replace(")", r"\)")):
+        FewStepGenerator(teachers[name], [(str(lora_runs[name]), 1.0)], scheduler="tcd")
+
+
+def test_flux_cache_trains_as_the_raw_images(tiny_flux, tmp_path):
+    """T5 encoding dominates a FLUX step: the cache holds the embeddings; training from an fp32 cache retraces the
+    run from raw images."""
+    from test_data import make_folder
+
+    data, cache = f"folder:{make_folder(tmp_path / 'f', 'jsonl')}", tmp_path / "cache"
+    assert run_cli("cache", "--teacher", tiny_flux, "--data", data, "--resolution", "64", "--out", str(cache),
+                   "--dtype", "fp32", "--shard-size", "1", "--no-progress") == 0  # fmt: skip
+    raw, cached = tmp_path / "raw", tmp_path / "cached"
+    assert run_cli(*distill_args(tiny_flux, data, raw, "lora", "--max-steps", "3")) == 0
+    assert run_cli(*distill_args(tiny_flux, f"cache:{cache}", cached, "lora", "--max-steps", "3")) == 0
+    record = json.loads((cached / "lcmkit_run.json").read_text())
+    assert record["data"]["released"] == ["vae.encoder", "text_encoders"]
+    a, b = losses(raw), losses(cached)
+    assert sorted(a) == sorted(b)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4), step
