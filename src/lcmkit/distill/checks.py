@@ -14,6 +14,7 @@ from lcmkit.errors import ConfigError
 from lcmkit.families.teacher import Teacher, teacher_family
 from lcmkit.outputs.record import OUTPUTS, RUN_RECORD
 from lcmkit.train.checkpoint import CHECKPOINT_DIR, find_checkpoint
+from lcmkit.train.sharding import fsdp_requested
 
 
 def check_environment(cfg: DistillConfig) -> None:
@@ -30,6 +31,19 @@ def check_environment(cfg: DistillConfig) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ConfigError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes (CUDA)") from None
+    check_sharding(cfg)
+
+
+def check_sharding(cfg: DistillConfig) -> None:
+    """FSDP (accelerate launch --use_fsdp) shards a full student, its EMA target and the teacher (docs/fsdp.md)."""
+    if not fsdp_requested():
+        return
+    if cfg.mode != "full":
+        raise ConfigError("FSDP shards full distillation: a LoRA student trains with the base weights on every "
+                          "process; launch --mode lora without --use_fsdp (plain data parallel)")  # fmt: skip
+    if cfg.train.validation_prompts:
+        raise ConfigError("--validation-prompts with FSDP: validation grids are drawn by one process from the whole "
+                          "student; drop them and sample the saved pipeline/ afterwards")  # fmt: skip
 
 
 def prepare_out_dir(cfg: DistillConfig) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from lcmkit.train.checkpoint import GeneratorState
 from lcmkit.train.loop import Trainer, TrainResult, Update
 from lcmkit.train.optim import make_lr_scheduler, make_optimizer
 from lcmkit.train.session import accelerator_session, gather_counts, on_main
+from lcmkit.train.sharding import is_sharded, reshard, unsharded
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ def _run(
     optimizer = make_optimizer(models.trainable_parameters(), cfg.optim)
     lr_scheduler = make_lr_scheduler(optimizer, cfg.optim, tr.max_steps)
     student, optimizer = accelerator.prepare(models.student_net, optimizer)
+    if is_sharded(accelerator):  # FSDP: the EMA target sharded as the student is (its EMA is per shard); the teacher
+        models.target_net = accelerator.prepare(models.target_net)  # accelerate shards one model per call
+        models.teacher_net = accelerator.prepare(models.teacher_net)
     nets = Nets(models.student_forward(student), models.teacher, models.target, teacher.trajectory(cfg.data.resolution),
                 teacher.family.guidance_distilled)  # fmt: skip
 
@@ -122,7 +126,7 @@ def _run(
     update = Update("student", student, optimizer, lr_scheduler, loss_fn, cfg.optim.max_grad_norm)
     trainer = Trainer(accelerator, tr, out, [update], make_dataloader(stream, tr.batch_size, d.num_workers),
                       state={**models.checkpoint_state(), "lcd_generator": GeneratorState(generator)},
-                      on_step_end=models.update_ema if cfg.mode == "full" else None, callback=validator,
+                      on_step_end=ema_update(models, accelerator) if cfg.mode == "full" else None, callback=validator,
                       callback_every=tr.validation_every if validator else 0, description=f"distill {cfg.mode}",
                       meta={"mode": cfg.mode, "teacher": cfg.model.teacher})  # fmt: skip
     resume(trainer, tr.resume, out)
@@ -131,6 +135,9 @@ def _run(
     if skipped:
         log.warning("data: %s", summarize_skips(skipped))
     accelerator.wait_for_everyone()
+    if is_sharded(accelerator):  # every process gathers the shards; the main process writes the full weights
+        models = replace(models, student_net=unsharded(models.student_net, accelerator),
+                         target_net=unsharded(models.target_net, accelerator))  # fmt: skip
 
     # Outputs: weights, the last validation grid, the run record, the model card, the upload.
     def finish() -> None:
@@ -150,6 +157,18 @@ def _run(
 
     on_main(accelerator, finish)
     return DistillResult(out, cfg.mode, teacher.family.name, result, peak_rss_mb(), accelerator.is_main_process)
+
+
+def ema_update(models: Any, accelerator: Any) -> Any:
+    """The full mode's EMA step; under FSDP on the shards of student and target."""
+    if not is_sharded(accelerator):
+        return models.update_ema
+
+    def sharded_update() -> None:
+        reshard(models.student_net, models.target_net)
+        models.update_ema()
+
+    return sharded_update
 
 
 def resume(trainer: Trainer, spec: str | None, out: Path) -> None:

@@ -35,7 +35,9 @@ class Stateful(Protocol):
 
 
 class GeneratorState:
-    """Makes a torch.Generator checkpointable."""
+    """Makes a torch.Generator checkpointable (one state per process: each process has its own stream)."""
+
+    per_process = True
 
     def __init__(self, generator: torch.Generator):
         self.generator = generator
@@ -48,7 +50,9 @@ class GeneratorState:
 
 
 class GlobalRNGState:
-    """torch (and CUDA), numpy and Python global RNG states."""
+    """torch (and CUDA), numpy and Python global RNG states (one per process)."""
+
+    per_process = True
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
@@ -123,9 +127,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def save_checkpoint(folder: Path, step: int, objects: dict[str, Stateful], meta: dict[str, Any]) -> Path:
-    """Write checkpoint-<step> atomically and point `latest` at it. On failure the temporary folder is removed
-    and the error raised; `latest` and the checkpoints before it are untouched."""
+def save_checkpoint(folder: Path, step: int, states: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write checkpoint-<step> with `states` (name -> state_dict) atomically and point `latest` at it. On failure
+    the temporary folder is removed and the error raised; `latest` and the checkpoints before it are untouched."""
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".checkpoint-*.tmp-*"):  # left by a killed run (one run per folder: the lock)
         shutil.rmtree(stale, ignore_errors=True)
@@ -134,7 +138,7 @@ def save_checkpoint(folder: Path, step: int, objects: dict[str, Stateful], meta:
     try:
         tmp.mkdir()
         tensors: dict[str, torch.Tensor] = {}
-        structure = {name: _flatten(obj.state_dict(), name, tensors) for name, obj in objects.items()}
+        structure = {name: _flatten(state, name, tensors) for name, state in states.items()}
         save_file(tensors, tmp / "state.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, "meta": meta, "state": structure}))
         for f in tmp.iterdir():
@@ -168,7 +172,9 @@ def find_checkpoint(out_dir: Path, spec: str) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, objects: dict[str, Stateful]) -> dict[str, Any]:
+def load_checkpoint(path: Path, objects: dict[str, Stateful], rank: int = 0) -> dict[str, Any]:
+    """Load every object's state; a per-process object (see `per_process`) takes this process's own, `name@rank`,
+    where the checkpoint has one."""
     try:
         record = json.loads((path / "state.json").read_text())
     except ValueError as e:
@@ -180,9 +186,11 @@ def load_checkpoint(path: Path, objects: dict[str, Stateful]) -> dict[str, Any]:
 
         raise TrainingError(f"checkpoint {path / 'state.safetensors'} is damaged ({first_line(e)})") from None
     for name, obj in objects.items():
-        if name not in record["state"]:
+        own = f"{name}@{rank}"
+        key = own if getattr(obj, "per_process", False) and own in record["state"] else name
+        if key not in record["state"]:
             raise KeyError(f"checkpoint {path} has no state for {name}")
-        obj.load_state_dict(_unflatten(record["state"][name], tensors))
+        obj.load_state_dict(_unflatten(record["state"][key], tensors))
     return record
 
 

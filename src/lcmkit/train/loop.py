@@ -35,6 +35,7 @@ from lcmkit.train.checkpoint import (
     save_checkpoint,
 )
 from lcmkit.train.session import TrainingError, _hook_steps, on_main
+from lcmkit.train.sharding import ShardedState, full_norm, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,8 @@ class Trainer:
         for i, u in enumerate(updates):  # the first update's names are those of one-optimizer checkpoints
             suffix = "" if i == 0 else f".{u.name}"
             self.state.update({f"optimizer{suffix}": u.optimizer, f"lr_scheduler{suffix}": u.lr_scheduler})
+        if is_sharded(accelerator):  # gathered to full tensors to save, sharded again to load
+            self.state = {k: v if getattr(v, "per_process", False) else ShardedState(v) for k, v in self.state.items()}
         self.on_step_end, self.callback, self.meta = on_step_end, callback, meta or {}
         self.step = 0
         self.nonfinite_steps = 0
@@ -179,7 +182,7 @@ class Trainer:
         path = find_checkpoint(self.out_dir, spec)
         if path is None:
             return False
-        record = load_checkpoint(path, self.state)
+        record = load_checkpoint(path, self.state, self.accelerator.process_index)
         self.step = int(record["step"])
         self.nonfinite_steps = int(record.get("meta", {}).get("nonfinite_steps", 0))
         if self.accelerator.is_main_process:
@@ -201,10 +204,23 @@ class Trainer:
         pointer = self.checkpoint_folder / "latest"
         return str(self.checkpoint_folder / pointer.read_text().strip()) if pointer.is_file() else "none written yet"
 
-    def _write_checkpoint(self) -> Path:
+    def _states(self) -> dict[str, Any]:
+        """Every object's state_dict, computed on every process (a sharded model's is gathered collectively); a
+        per-process object's from each process, as name@rank (and the main process's under its name)."""
+        acc, states = self.accelerator, {}
+        for name, obj in self.state.items():
+            states[name] = obj.state_dict()
+            if getattr(obj, "per_process", False) and acc.num_processes > 1:
+                from accelerate.utils import gather_object
+
+                for rank, state in enumerate(gather_object([states[name]])):
+                    states[f"{name}@{rank}"] = state
+        return states
+
+    def _write_checkpoint(self, states: dict[str, Any]) -> Path:
         try:
             path = save_checkpoint(
-                self.checkpoint_folder, self.step, self.state, {**self.meta, "nonfinite_steps": self.nonfinite_steps}
+                self.checkpoint_folder, self.step, states, {**self.meta, "nonfinite_steps": self.nonfinite_steps}
             )
         except OSError as e:
             raise TrainingError(
@@ -218,18 +234,19 @@ class Trainer:
     def save(self) -> Path | None:
         """Main process writes; a failure stops every process with one message."""
         self.accelerator.wait_for_everyone()
-        return on_main(self.accelerator, self._write_checkpoint)
+        states = self._states()
+        return on_main(self.accelerator, lambda: self._write_checkpoint(states))
 
     def _grad_norm(self, update: Update) -> torch.Tensor:
         """Total gradient norm; clips to max_grad_norm when set. Non-finite iff some gradient is."""
         if update.max_grad_norm:
             norm = self.accelerator.clip_grad_norm_(update.params, update.max_grad_norm)
             if norm is not None:  # DeepSpeed may not report it
-                return torch.as_tensor(norm)
+                return full_norm(norm)
         else:
             self.accelerator.unscale_gradients()
         grads = [p.grad for p in update.params if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        return full_norm(torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros(())
 
     def _all_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """Loss and gradients finite on every process (all agree, so all skip or all step)."""

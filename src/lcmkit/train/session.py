@@ -52,8 +52,11 @@ def accelerator_session(**kwargs: Any) -> Iterator[Any]:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    from lcmkit.train.sharding import enable_fsdp_on_cpu
+
     accelerator = Accelerator(**kwargs)
     try:
+        enable_fsdp_on_cpu(accelerator)
         yield accelerator
         accelerator.wait_for_everyone()  # gloo can hang destroying a group whose peer already left
     finally:
