@@ -13,13 +13,23 @@ from lcmkit.errors import ConfigError
 REQUIRED = {"teacher": "some/teacher", "data": "/data/{0..1}.tar", "out": "/tmp/out"}
 
 
-@pytest.mark.parametrize("name", ["sd15-lora", "sd15-full", "sd21-lora", "sdxl-lora", "sdxl-full"])
+@pytest.mark.parametrize(
+    "name", ["sd15-lora", "sd15-full", "sd21-lora", "sdxl-lora", "sdxl-full", "sd35-medium-lora", "sd35-large-lora",
+             "flux-dev-lora"]
+)  # fmt: skip
 def test_every_preset_loads_and_validates(name):
     info = list_presets()[name]
     cfg = validate(load_config(None, {"preset": name, **REQUIRED}))
-    assert cfg.preset == name and cfg.mode == info["mode"] and info["family"] in ("sd", "sdxl")
+    assert cfg.preset == name and cfg.mode == info["mode"] and info["family"] in ("sd", "sdxl", "sd3", "flux")
     assert cfg.lcd.loss == "huber" and cfg.lcd.huber_c == 0.001 and cfg.lcd.num_ddim_timesteps == 50
-    assert cfg.data.resolution == {"sd15": 512, "sd21": 768, "sdxl": 1024}[name.split("-")[0]]
+    sizes = {"sd15": 512, "sd21": 768, "sdxl": 1024, "sd35": 1024, "flux": 1024}
+    assert cfg.data.resolution == sizes[name.split("-")[0]]
+    if info["family"] in ("sd3", "flux"):  # one 80 GB GPU: bf16 base, gradient checkpointing, the family's w range
+        from lcmkit.families import get_family
+
+        assert cfg.train.mixed_precision == "bf16" and cfg.train.gradient_checkpointing and cfg.mode == "lora"
+        assert (cfg.lcd.w_min, cfg.lcd.w_max) == get_family(info["family"]).guidance_range
+        return
     if info["family"] == "sdxl":
         assert cfg.model.vae == "madebyollin/sdxl-vae-fp16-fix" and cfg.lcd.w_min == 3.0
     assert cfg.optim.learning_rate == (1e-4 if cfg.mode == "lora" else 1e-6)

@@ -31,8 +31,10 @@ def run(args: argparse.Namespace) -> int:
     if o.name:
         print(preset_file(o.name).read_text(), end="")
         return 0
-    for name, p in list_presets().items():
-        print(f"{name:<11} {p.get('family', '?'):<5} {p['mode']:<5} {p.get('description', '')}")
+    presets = list_presets()
+    width = max(map(len, presets))
+    for name, p in presets.items():
+        print(f"{name:<{width}} {p.get('family', '?'):<5} {p['mode']:<5} {p.get('description', '')}")
     print(
         "\nshow one: lcmkit presets NAME; use it: lcmkit distill --preset NAME --teacher ... (flags and --config win)"
     )

@@ -1,5 +1,5 @@
 """The only place that knows a model family: loading, conditioning, the denoiser call, the student, the pipelines
-and file layouts. One module per family (sd.py, sdxl.py) and this registry."""
+and file layouts. One module per family (sd.py, sdxl.py, sd3.py, flux.py) and this registry."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What lcmkit knows of a model family, as one object per family (families/sd.py, families/sdxl.py).
+"""What lcmkit knows of a model family, as one object per family (families/sd.py, sdxl.py, sd3.py, flux.py).
 
 Nothing outside families/ compares family names: code elsewhere asks the family object for its pipeline classes,
 component names, conditioning and file layouts. A new family is one module here and one line in

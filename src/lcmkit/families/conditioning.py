@@ -1,5 +1,5 @@
 """Prompts -> text conditioning: the Conditioning a denoiser takes besides (z_t, t), and the TextConditioner that
-encodes prompts with a family's own text encoding (families/sd.py, families/sdxl.py) and, for a family with time
+encodes prompts with a family's own text encoding (families/sd.py, sdxl.py, sd3.py, flux.py) and, for a family with time
 ids (SDXL), add_time_ids = (original size, crop top-left, target size).
 """
 

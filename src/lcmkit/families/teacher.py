@@ -60,6 +60,9 @@ class Teacher:
 
     @property
     def prediction_type(self) -> str:
+        """epsilon, v_prediction or sample; "flow" (the velocity eps - x0) for a rectified-flow teacher."""
+        if self.family.flow:
+            return "flow"
         return self.scheduler.config.get("prediction_type", "epsilon")
 
     def noise_schedule(self) -> NoiseSchedule:

@@ -117,7 +117,8 @@ def _run(p: Path) -> dict[str, Any]:
         weights = _lora_info(*safetensors_header(lora)) or {}
         info["weights"] = f"{lora.name}: LoRA rank {weights.get('rank')}, {weights.get('modules')} modules"
     elif (p / "pipeline" / "model_index.json").is_file():
-        info["weights"] = "pipeline/ (a full LCM), unet/ (its EMA UNet), unet_online/"
+        net = "transformer" if (p / "transformer").is_dir() else "unet"
+        info["weights"] = f"pipeline/ (a full LCM), {net}/ (its EMA {net}), {net}_online/"
     return info
 
 
@@ -145,11 +146,14 @@ def describe(path: str | Path) -> dict[str, Any]:
         unet = json.loads((p / "unet" / "config.json").read_text()) if (p / "unet" / "config.json").is_file() else {}
         sched = p / "scheduler" / "scheduler_config.json"
         sched_cfg = json.loads(sched.read_text()) if sched.is_file() else {}
+        flow = str(sched_cfg.get("_class_name", "")).startswith("FlowMatch")
+        lcm = unet.get("time_cond_proj_dim") is not None  # a flow student: the scheduler it was saved with
+        lcm = sched_cfg.get("_class_name") == "FlowMatchLCMScheduler" if flow else lcm
         return {
             "path": str(p), "kind": "pipeline", "class": index.get("_class_name"),
             "family": getattr(family_of_components(index, index.get("_class_name", "")), "name", None),
-            "full_lcm": unet.get("time_cond_proj_dim") is not None, "scheduler": sched_cfg.get("_class_name"),
-            "prediction_type": sched_cfg.get("prediction_type", "epsilon"),
+            "full_lcm": lcm, "scheduler": sched_cfg.get("_class_name"),
+            "prediction_type": "flow" if flow else sched_cfg.get("prediction_type", "epsilon"),
         }  # fmt: skip
     if (p / "config.json").is_file():
         cfg = json.loads((p / "config.json").read_text())

@@ -52,6 +52,11 @@ def export_kohya(lora: str | Path, out: str | Path, allow_pickle: bool = False) 
     with safe_open(str(src), "pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
         alpha = _adapter_alpha(f.metadata())
+    if any(k.startswith("transformer.") for k in state):
+        from lcmkit.errors import ConfigError
+
+        raise ConfigError(f"{lora} is an SD3/FLUX (transformer) LoRA: kohya export covers UNet LoRAs (SD, SDXL) only "
+                          "so far; load the diffusers file itself (pipe.load_lora_weights)")  # fmt: skip
     dst = Path(out)
     if dst.suffix != ".safetensors":
         dst = dst / "lcm_lora_kohya.safetensors"

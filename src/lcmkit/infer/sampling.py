@@ -29,6 +29,14 @@ METADATA_PREFIX = "lcmkit."
 __all__ = ["guidance_scale", "w_of"]  # the conversion lives in core/solver.py; sampling code imports it from here
 
 
+def flow_lcm_sigmas(steps: int) -> list[float]:
+    """The sigmas a few-step flow model samples at, before the scheduler's shift: 1, (N-1)/N, ..., 1/N, which the
+    shift maps onto the spacing of the training grid. FluxPipeline passes these by default; StableDiffusion3Pipeline
+    does not, and FlowMatchLCMScheduler's own grid (diffusers 0.42) then shifts twice: for 4 steps at shift 3 it is
+    1, 0.858, 0.602, 0.009, so the last step starts from an almost clean latent and is wasted (docs/flow.md)."""
+    return [1.0 - i / steps for i in range(steps)]
+
+
 def default_guidance_scale(full: bool, family: Family | None = None) -> float:
     """A distilled model's guidance_scale when none is given. A guidance-distilled family (FLUX.1-dev): its guidance
     input. Another flow family (SD3): 1, no CFG pass (the student learned the guided ODE, and has no w input).

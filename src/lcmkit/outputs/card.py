@@ -12,7 +12,8 @@ from typing import Any
 
 from lcmkit.errors import ConfigError
 from lcmkit.families import get_family
-from lcmkit.infer.sampling import FULL_LCM_GUIDANCE_SCALE, LCMSCHEDULER_DEFAULT_GRID, LORA_GUIDANCE_SCALE
+from lcmkit.families.base import Family
+from lcmkit.infer.sampling import LCMSCHEDULER_DEFAULT_GRID, default_guidance_scale, guidance_scale
 
 CARD = "README.md"
 
@@ -52,9 +53,35 @@ def latest_grid(out: Path) -> str | None:
     return f"validation/{grids[-1].name}" if grids else None
 
 
+def flow_snippet(record: dict[str, Any], weights: str, family: Family) -> str:
+    """SD3/FLUX: FlowMatchLCMScheduler with the teacher's shift; it re-noises between steps from torch's global
+    generator (the pipelines pass it no generator), so seed torch for a repeatable image."""
+    teacher, lora = record["config"]["model"]["teacher"], record["mode"] == "lora"
+    guidance = default_guidance_scale(not lora, family)
+    if lora:
+        load = (f'pipe = {family.pipeline}.from_pretrained("{teacher}", torch_dtype=torch.bfloat16)\n'
+                "pipe.scheduler = FlowMatchLCMScheduler.from_config(pipe.scheduler.config)\n"
+                f'pipe.load_lora_weights("{weights}")')  # fmt: skip
+    else:
+        weights = str(Path(weights) / "pipeline") if Path(weights).is_dir() else weights
+        load = (f'pipe = {family.pipeline}.from_pretrained("{weights}", torch_dtype=torch.bfloat16)'
+                "  # FlowMatchLCMScheduler inside")
+    return f'''import torch
+from diffusers import {family.pipeline}, FlowMatchLCMScheduler
+
+{load}
+pipe.to("cuda")
+torch.manual_seed(0)  # FlowMatchLCMScheduler draws its re-noising from torch's global generator
+image = pipe("a photo of a cat", num_inference_steps=4, sigmas=[1.0, 0.75, 0.5, 0.25],
+              guidance_scale={guidance}).images[0]
+image.save("cat.png")'''
+
+
 def usage_snippet(record: dict[str, Any], weights: str) -> str:
     """A diffusers snippet for this output; `weights` is where the LoRA or pipeline lives (a repo id or a path)."""
     teacher, family, mode = record["config"]["model"]["teacher"], get_family(record["family"]), record["mode"]
+    if family.flow:
+        return flow_snippet(record, weights, family)
     if mode == "lora":
         pipe_cls = family.pipeline
         n = record["config"]["lcd"]["num_ddim_timesteps"]  # the grid it was distilled on: sample on the same one
@@ -65,7 +92,7 @@ from diffusers import {pipe_cls}, LCMScheduler
 pipe = {pipe_cls}.from_pretrained("{teacher}")
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config{grid})
 pipe.load_lora_weights("{weights}")
-image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale={LORA_GUIDANCE_SCALE}).images[0]
+image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale={default_guidance_scale(False)}).images[0]
 image.save("cat.png")'''
     pipe_cls = family.lcm_pipeline
     if Path(weights).is_dir():  # a local distill folder: the pipeline is in pipeline/ (a pushed repo has it at the top)
@@ -74,7 +101,7 @@ image.save("cat.png")'''
 from diffusers import {pipe_cls}
 
 pipe = {pipe_cls}.from_pretrained("{weights}")  # LCMScheduler inside
-image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale={FULL_LCM_GUIDANCE_SCALE}).images[0]
+image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale={default_guidance_scale(True)}).images[0]
 image.save("cat.png")'''
 
 
@@ -94,7 +121,7 @@ def model_card(out: Path, repo_id: str | None = None) -> Any:
     )  # fmt: skip
     rank, alpha = cfg["lora"]["lora_rank"], cfg["lora"]["lora_alpha"] or cfg["lora"]["lora_rank"]
     what = (f"an **LCM-LoRA** (rank {rank}, alpha {alpha})" if lora
-            else "a **full Latent Consistency Model** (a UNet that takes the guidance scale w as input)")  # fmt: skip
+            else f"a **full Latent Consistency Model** ({full_student_text(family, cfg['lcd'])})")  # fmt: skip
     from lcmkit.families.teacher import looks_like_hub_id
 
     named = f"[{teacher}](https://huggingface.co/{teacher})" if looks_like_hub_id(teacher) else f"`{teacher}`"
@@ -106,7 +133,7 @@ def model_card(out: Path, repo_id: str | None = None) -> Any:
         f"# {repo_id or out.name}",
         "",
         f"This is {what} distilled from {named} "
-        f"({family.label}, {r.get('prediction_type', 'epsilon')} prediction) "
+        f"({family.label}, {prediction_text(r.get('prediction_type', 'epsilon'))}) "
         "with lcmkit by Latent Consistency Distillation: it generates in 2-8 "
         "steps instead of 25-50.",
         "",
@@ -116,13 +143,16 @@ def model_card(out: Path, repo_id: str | None = None) -> Any:
         usage_snippet(r, repo_id or str(out)),
         "```",
         "",
-        ("Steps 2-8 (4 is a good default), guidance 1.0-2.0 (1.0 disables classifier-free guidance; with a "
-         "negative prompt use 1.5-2). The LoRA also works on fine-tunes of the same base model."
-         if lora else "Steps 2-8 (4 is a good default), guidance 4-13 (the w input; no classifier-free guidance "
-         "pass is run, so each step costs one UNet call)."),
+        guidance_text(family, lora, cfg["lcd"]),
         "",
     ]  # fmt: skip
-    if lora:
+    if family.flow:
+        lines += [
+            "ComfyUI / AUTOMATIC1111: lcmkit does not export SD3/FLUX students to their key layouts yet; load the "
+            "diffusers files above.",
+            "",
+        ]
+    elif lora:
         lines += [
             "ComfyUI / AUTOMATIC1111: "
             + (f"drop `{kohya[0]}` into `models/loras` (ComfyUI) or `models/Lora` (AUTOMATIC1111) and sample "
@@ -148,7 +178,8 @@ def model_card(out: Path, repo_id: str | None = None) -> Any:
         f"- Data: `{r.get('data', {}).get('source', cfg['data']['data'])}`, resolution {cfg['data']['resolution']}",
         f"- {r['steps']} steps, batch {cfg['train']['batch_size']} x {r.get('num_processes', 1)} process(es), "
         f"learning rate {cfg['optim']['learning_rate']}, w in [{cfg['lcd']['w_min']}, {cfg['lcd']['w_max']}], "
-        f"{cfg['lcd']['num_ddim_timesteps']} DDIM timesteps, {cfg['lcd']['loss']} loss",
+        f"{cfg['lcd']['num_ddim_timesteps']} {'sigma' if family.flow else 'DDIM'} solver steps, "
+        f"{cfg['lcd']['loss']} loss",
         f"- Time: {r.get('wall_s', 0):.0f} s in all"
         + (f", {s_step:.3f} s per step" if s_step else "")
         + f" on {hardware} ({r.get('device', '?')}), peak RSS {r.get('peak_rss_mb', 0):.0f} MB",
@@ -156,6 +187,45 @@ def model_card(out: Path, repo_id: str | None = None) -> Any:
         f"- The exact configuration is in `{RUN_RECORD}`.",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def prediction_text(prediction_type: str) -> str:
+    return "rectified flow, velocity prediction" if prediction_type == "flow" else f"{prediction_type} prediction"
+
+
+def full_student_text(family: Family, lcd: dict[str, Any]) -> str:
+    if not family.flow:
+        return "a UNet that takes the guidance scale w as input"
+    if family.guidance_distilled:
+        return (f"the {family.label} transformer, its guidance input trained for guidance_scale "
+                f"{guidance_scale(lcd['w_min']):g}-{guidance_scale(lcd['w_max']):g}")  # fmt: skip
+    return (f"the {family.label} transformer with guidance_scale {guidance_scale(lcd['w_min']):g} baked in: it has no "
+            "guidance input")  # fmt: skip
+
+
+FLOW_SAMPLING = ("Sample with diffusers' FlowMatchLCMScheduler (as of diffusers 0.42) at sigmas 1 - i/N (for 4 steps "
+                 "1, 0.75, 0.5, 0.25, which the scheduler shifts): StableDiffusion3Pipeline's own 4-step grid under it "
+                 "ends at sigma 0.009 and wastes the last step.")
+
+
+def guidance_text(family: Family, lora: bool, lcd: dict[str, Any]) -> str:
+    """What guidance_scale to pass, per family and mode."""
+    lo, hi = guidance_scale(lcd["w_min"]), guidance_scale(lcd["w_max"])
+    trained = f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+    fine_tunes = " The LoRA also works on fine-tunes of the same base model." if lora else ""
+    if family.guidance_distilled:
+        return (f"Steps 2-8 (4 is a good default), guidance_scale {trained}: {family.label}'s own guidance input, the "
+                f"range the student was trained on (no classifier-free guidance pass is run). {FLOW_SAMPLING}"
+                + fine_tunes)  # fmt: skip
+    if family.flow:
+        return (f"Steps 2-8 (4 is a good default), guidance_scale 1.0: the student learned the guided ODE for "
+                f"guidance {trained}, and a value above 1 runs a second, classifier-free pass. {FLOW_SAMPLING}"
+                + fine_tunes)  # fmt: skip
+    if lora:
+        return ("Steps 2-8 (4 is a good default), guidance 1.0-2.0 (1.0 disables classifier-free guidance; with a "
+                "negative prompt use 1.5-2)." + fine_tunes)
+    return ("Steps 2-8 (4 is a good default), guidance 4-13 (the w input; no classifier-free guidance pass is run, "
+            "so each step costs one UNet call).")
 
 
 def write_model_card(out: Path, repo_id: str | None = None) -> Path:
