@@ -187,3 +187,40 @@ def test_flux_cache_trains_as_the_raw_images(tiny_flux, tmp_path):
     assert sorted(a) == sorted(b)
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), step
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_comfyui_export_keeps_the_weights_and_adds_alphas(teachers, lora_runs, tmp_path, name):
+    """ComfyUI maps diffusers `transformer.` lora_A/lora_B keys of SD3 and FLUX itself and reads `<module>.alpha`
+    for the scale: the export is the same tensors plus one alpha per module (a FLUX one still loads in diffusers,
+    with the same image)."""
+    from safetensors.torch import load_file
+
+    src = lora_runs[name] / "pytorch_lora_weights.safetensors"
+    dst = tmp_path / "comfy.safetensors"
+    assert run_cli("export", "kohya", str(src), "--out", str(dst)) == 0
+    original, exported = load_file(src), load_file(dst)
+    alphas = {k: v for k, v in exported.items() if k.endswith(".alpha")}
+    assert {k: v for k, v in exported.items() if k not in alphas}.keys() == original.keys()
+    assert all(torch.equal(exported[k], original[k]) for k in original)
+    modules = {k.removesuffix(".lora_A.weight") for k in original if k.endswith(".lora_A.weight")}
+    assert {k.removesuffix(".alpha") for k in alphas} == modules
+    assert {float(v) for v in alphas.values()} == {4.0}  # alpha = rank 4: scale 1, as diffusers applies it
+    if name != "flux":  # diffusers reads `.alpha` keys for FLUX LoRAs only (SD3: the file is for ComfyUI)
+        return
+    pipe = pipeline(teachers[name])
+    guidance = 3.0 if name == "flux" else 1.0
+    pipe.load_lora_weights(str(src.parent))
+    a = sample(pipe, guidance=guidance)
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(dst.parent), weight_name=dst.name)
+    np.testing.assert_allclose(sample(pipe, guidance=guidance), a, atol=1e-5)
+
+
+def test_fused_flux_pipeline_gives_the_lora_image(tiny_flux, lora_runs, tmp_path):
+    assert run_cli("export", "fused", str(lora_runs["flux"]), "--base", tiny_flux, "--out", str(tmp_path / "f")) == 0
+    fused = pipeline(str(tmp_path / "f"), lcm_scheduler=False)
+    assert type(fused.scheduler).__name__ == "FlowMatchLCMScheduler"
+    pipe = pipeline(tiny_flux)
+    pipe.load_lora_weights(str(lora_runs["flux"]))
+    np.testing.assert_allclose(sample(fused, guidance=3.0), sample(pipe, guidance=3.0), atol=1e-4)

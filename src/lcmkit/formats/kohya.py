@@ -16,11 +16,23 @@ from lcmkit.safe_load import lora_file
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 
 
-def _adapter_alpha(meta: dict[str, str] | None) -> float | None:
+def _adapter_alpha(meta: dict[str, str] | None, denoiser: str = "unet") -> float | None:
     """lora_alpha from the peft config diffusers stores in the file's metadata, if any."""
     if not meta or "lora_adapter_metadata" not in meta:
         return None
-    return json.loads(meta["lora_adapter_metadata"]).get("unet.lora_alpha")
+    return json.loads(meta["lora_adapter_metadata"]).get(f"{denoiser}.lora_alpha")
+
+
+def with_alphas(state: dict[str, torch.Tensor], alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """A transformer (SD3/FLUX) LoRA for ComfyUI: the diffusers keys as they are (ComfyUI maps `transformer.`
+    lora_A/lora_B keys of both families onto its own layout) plus `<module>.alpha`, which ComfyUI reads for the
+    scale alpha / rank (without it the scale is 1)."""
+    out = {k: v.contiguous() for k, v in state.items()}
+    for key, value in state.items():
+        if key.endswith(".lora_A.weight"):
+            rank = value.shape[0]
+            out[key.removesuffix(".lora_A.weight") + ".alpha"] = torch.tensor(float(rank if alpha is None else alpha))
+    return out
 
 
 def diffusers_to_kohya(state: dict[str, torch.Tensor], alpha: float | None = None) -> dict[str, torch.Tensor]:
@@ -47,19 +59,20 @@ def diffusers_to_kohya(state: dict[str, torch.Tensor], alpha: float | None = Non
 
 
 def export_kohya(lora: str | Path, out: str | Path, allow_pickle: bool = False) -> Path:
-    """A diffusers LCM-LoRA file -> one kohya-style .safetensors (ComfyUI / AUTOMATIC1111)."""
+    """A diffusers LCM-LoRA file -> one kohya-style .safetensors (ComfyUI / AUTOMATIC1111); an SD3/FLUX one -> the
+    diffusers keys with alphas, the layout ComfyUI reads for those families (see `with_alphas`)."""
     src = lora_file(lora, allow_pickle)
     with safe_open(str(src), "pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
-        alpha = _adapter_alpha(f.metadata())
-    if any(k.startswith("transformer.") for k in state):
-        from lcmkit.errors import ConfigError
-
-        raise ConfigError(f"{lora} is an SD3/FLUX (transformer) LoRA: kohya export covers UNet LoRAs (SD, SDXL) only "
-                          "so far; load the diffusers file itself (pipe.load_lora_weights)")  # fmt: skip
+        meta = f.metadata()
+        alpha = _adapter_alpha(meta)
+    transformer = any(k.startswith("transformer.") for k in state)
+    if transformer:
+        alpha = _adapter_alpha(meta, "transformer")
     dst = Path(out)
     if dst.suffix != ".safetensors":
         dst = dst / "lcm_lora_kohya.safetensors"
     dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file(diffusers_to_kohya(state, alpha), str(dst), metadata={"ss_network_module": "networks.lora"})
+    converted = with_alphas(state, alpha) if transformer else diffusers_to_kohya(state, alpha)
+    save_file(converted, str(dst), metadata={"ss_network_module": "networks.lora"})
     return dst

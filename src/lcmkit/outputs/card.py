@@ -146,12 +146,17 @@ def model_card(out: Path, repo_id: str | None = None) -> Any:
         guidance_text(family, lora, cfg["lcd"]),
         "",
     ]  # fmt: skip
-    if family.flow:
+    if family.flow and lora:
         lines += [
-            "ComfyUI / AUTOMATIC1111: lcmkit does not export SD3/FLUX students to their key layouts yet; load the "
-            "diffusers files above.",
+            f"ComfyUI: `lcmkit export kohya {LORA_FILE} --out lcm_lora_comfy.safetensors` writes the same weights "
+            "with the alphas ComfyUI reads (its loader maps diffusers `transformer.` keys of SD3 and FLUX); load it "
+            "with a LoRA loader on the base model and sample with the lcm sampler, 4 steps. AUTOMATIC1111 has no "
+            f"{family.label} support.",
             "",
         ]
+    elif family.flow:
+        lines += ["ComfyUI / AUTOMATIC1111: lcmkit does not write SD3/FLUX single-file checkpoints yet; load the "
+                  "diffusers pipeline folder above.", ""]
     elif lora:
         lines += [
             "ComfyUI / AUTOMATIC1111: "
