@@ -47,7 +47,7 @@ def family_of_keys(keys: Iterable[str]) -> Family:
     """The family of a single-file checkpoint from its keys (a family's marker prefix, else SD's LDM layout)."""
     keys = list(keys)
     for family in FAMILIES.values():
-        if family.single_file_marker and any(k.startswith(family.single_file_marker) for k in keys):
+        if any(k.startswith(family.single_file_markers) for k in keys if family.single_file_markers):
             return family
     return FAMILIES["sd"]
 

@@ -70,8 +70,8 @@ class Family:
     """Fixed constructor arguments of its pipelines (e.g. no safety checker)."""
     zeros_uncond_flag: str | None = None
     """The pipeline config entry that makes its empty prompt an all-zeros embedding, if it has one."""
-    single_file_marker: str | None = None
-    """A key prefix only its single-file checkpoints hold."""
+    single_file_markers: tuple[str, ...] = ()
+    """Key prefixes only its single-file checkpoints hold (any one of them marks the family)."""
     single_file_text_prefixes: tuple[str, ...] = ()
     """Where its text encoders live in a single-file checkpoint (sgm layout); empty: the LDM cond_stage_model."""
     unet_marker: Mapping[str, Any] = field(default_factory=dict)

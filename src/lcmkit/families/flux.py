@@ -89,7 +89,8 @@ FLUX = Family(
     flow=True,
     guidance_distilled=True,
     text_lengths=(None, 512),
-    single_file_marker="double_blocks.",
+    # the original layout (Black Forest Labs' files, with or without the model prefix); diffusers' own layout
+    single_file_markers=("double_blocks.", "model.diffusion_model.double_blocks.", "x_embedder."),
     check_teacher=check_teacher,
     text_encoder_labels={"text_encoder": "CLIP-L", "text_encoder_2": "T5"},
 )

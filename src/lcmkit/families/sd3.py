@@ -56,6 +56,7 @@ SD3 = Family(
     flow=True,
     full_student_takes_w=False,
     text_lengths=(None, None, 256),
-    single_file_marker="model.diffusion_model.joint_blocks.",
+    # the original layout (Stability's files, with or without the model prefix); diffusers' own layout
+    single_file_markers=("model.diffusion_model.joint_blocks.", "joint_blocks.", "pos_embed.proj."),
     text_encoder_labels={"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5"},
 )

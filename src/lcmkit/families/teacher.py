@@ -183,6 +183,33 @@ def teacher_family(cfg: ModelConfig) -> tuple[Path, Family]:
     return path, family
 
 
+def flow_single_file_teacher(
+    path: Path, cfg: ModelConfig, family: Family, dtype: torch.dtype, kwargs: dict[str, Any]
+) -> Teacher:
+    """An SD3/FLUX single file (the transformer, in its original or in diffusers' layout: diffusers reads both)
+    with the rest of the pipeline (text encoders, VAE, scheduler, configs) from --teacher-config."""
+    if not cfg.teacher_config:
+        raise ConfigError(f"teacher {cfg.teacher} is a single {family.label} file: pass --teacher-config, the "
+                          "diffusers folder or hub id of the same model (its text encoders, VAE and configs)")
+    try:
+        import diffusers
+
+        config = cfg.teacher_config
+        index = (Path(config) / "model_index.json") if Path(config).is_dir() else None
+        info = json.loads(index.read_text()) if index else diffusers.DiffusionPipeline.load_config(config)
+        cls = getattr(diffusers, info[family.denoiser][1])
+        net = cls.from_single_file(str(path), config=config, subfolder=family.denoiser, **dtype_kwarg(dtype))
+        safetensors_only = None if cfg.allow_pickle else True
+        pipe = family.pipeline_class().from_pretrained(config, use_safetensors=safetensors_only,
+                                                       **{family.denoiser: net}, **kwargs)  # fmt: skip
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"could not load teacher {cfg.teacher} with --teacher-config {cfg.teacher_config}: "
+                          f"{_first_line(e)}") from None
+    return teacher_of(pipe, family, cfg.teacher)
+
+
 def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teacher:
     """Load the teacher pipeline's components (no safety checker)."""
     spec = cfg.teacher
@@ -207,6 +234,8 @@ def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teache
             )
         except Exception as e:
             raise ConfigError(f"could not load --vae {cfg.vae}: {_first_line(e)}") from None
+    if path.is_file() and family.flow:
+        return flow_single_file_teacher(path, cfg, family, dtype, kwargs)
     try:
         if path.is_file() and cfg.teacher_config:
             from lcmkit.families.single_file import import_single_file
@@ -221,6 +250,11 @@ def load_teacher(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Teache
             )
     except Exception as e:
         raise ConfigError(f"could not load teacher {spec}: {_first_line(e)}") from None
+    return teacher_of(pipe, family, spec)
+
+
+def teacher_of(pipe: Any, family: Family, spec: str) -> Teacher:
+    """The frozen Teacher of a loaded pipeline (refused when the family cannot distill it)."""
     if family.check_teacher is not None:
         family.check_teacher(getattr(pipe, family.denoiser).config, spec)
     encoders = [getattr(pipe, name) for name in family.text_encoders]
