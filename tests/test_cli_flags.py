@@ -84,7 +84,7 @@ def test_help_of_every_command(command, capsys):
 
 def test_library_defaults_are_the_flags_defaults():
     from lcmkit.infer.generator import FewStepGenerator
-    from lcmkit.infer.sampling import DEFAULT_TCD_GAMMA, TEACHER_GUIDANCE_SCALE
+    from lcmkit.infer.sampling import DEFAULT_TCD_GAMMA
     from lcmkit.measure.eval import EvalSettings
 
     parser = build_parser()
@@ -93,10 +93,10 @@ def test_library_defaults_are_the_flags_defaults():
     assert generate.steps == 4 and generate.scheduler == "lcm" and generate.device == "auto"
     assert inspect.signature(FewStepGenerator.__call__).parameters["steps"].default == generate.steps
     evaluate = parser.parse_args(["eval", "--teacher", "t", "--prompts", "p"])
-    assert evaluate.guidance == TEACHER_GUIDANCE_SCALE and evaluate.teacher_samplers == ("ddim", "dpm++")
+    assert evaluate.guidance is None and evaluate.teacher_samplers == ("ddim", "dpm++")  # None: the family's
     assert evaluate.size is None and evaluate.progress is True and evaluate.steps is None  # --quick decides
     assert EvalSettings(teacher="t", prompts=["p"]).steps == [1, 2, 4, 8]
-    assert parser.parse_args(["bench", "generate", "--teacher", "t"]).guidance == TEACHER_GUIDANCE_SCALE
+    assert parser.parse_args(["bench", "generate", "--teacher", "t"]).guidance is None
 
 
 def test_flags_parse_into_the_options_of_each_command():

@@ -246,3 +246,54 @@ def test_single_file_transformer_with_teacher_config(teachers, shards, tmp_path,
                                  teachers[name])) == 0  # fmt: skip
     assert losses(file) == losses(folder)
     assert json.loads((file / "lcmkit_run.json").read_text())["family"] == name
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_eval_and_bench_take_flow_models(teachers, lora_runs, tmp_path, capsys, name):
+    """The reference of a flow teacher is its own Euler at 50 steps; guidance defaults are the family's."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue square\n")
+    out = tmp_path / "eval"
+    assert run_cli("eval", "--teacher", teachers[name], "--lora", str(lora_runs[name]), "--prompts", str(prompts),
+                   "--resolution", "64", "--quick", "--out", str(out), "--no-progress") == 0  # fmt: skip
+    record = json.loads((out / "eval.json").read_text())
+    assert record["reference"] == "teacher Euler 50"
+    guidance = {row["group"]: row["guidance"] for row in record["columns"]}
+    assert guidance == {"LCM-LoRA": 3.5 if name == "flux" else 1.0, "teacher Euler": 3.5 if name == "flux" else 7.0,
+                        "teacher DPM++": 3.5 if name == "flux" else 7.0}  # fmt: skip
+    capsys.readouterr()
+    assert run_cli("bench", "generate", "--teacher", teachers[name], "--lora", str(lora_runs[name]), "--resolution",
+                   "64", "--repeats", "1", "--warmup", "0") == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "| LCM-LoRA (lcmkit) | lcm | 4 |" in table and "| teacher | dpm++ | 25 |" in table
+
+
+def test_serve_answers_with_a_flux_lora(tiny_flux, lora_runs):
+    """lcmkit serve over a FLUX base + LCM-LoRA: the few-step image and the teacher's, both PNGs, and they differ."""
+    import threading
+    import time
+
+    import uvicorn
+    from test_serve import free_port, pixels, post
+
+    from lcmkit.app.server import create_app
+    from lcmkit.infer.generator import FewStepGenerator
+
+    app = create_app(FewStepGenerator(tiny_flux, [(str(lora_runs["flux"]), 1.0)]))
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        body = {"prompt": "a red square", "seed": 3, "steps": 2, "width": 64, "height": 64}
+        status, png, headers = post(url, body)
+        assert status == 200 and headers["content-type"] == "image/png"
+        status, teacher_png, _ = post(url, {**body, "model": "teacher", "teacher_steps": 4})
+        assert status == 200 and np.abs(pixels(teacher_png).astype(int) - pixels(png)).max() > 0
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)

@@ -17,7 +17,7 @@ MODEL_FLAGS: dict[str, dict[str, Any]] = {
     "teacher_config": {"help": "for a single-file teacher offline: a diffusers folder with its configs"},
     "lora": {"help": "the LCM-LoRA to evaluate on the teacher (file or folder; 'toy': the shipped one)"},
     "lcm": {"help": "a full LCM: a distill output folder or its pipeline/ folder"},
-    "lcm_guidance": {"help": "default: 1 for an LCM-LoRA, --guidance for a full LCM"},
+    "lcm_guidance": {"help": "default: 1 for an LCM-LoRA (FLUX: 3.5, its guidance input), --guidance for a full LCM"},
     "device": {"help": DEVICE_HELP},
     "dtype": {"choices": DTYPES},
 }

@@ -41,7 +41,7 @@ class GenerateRequest(BaseModel):
     height: int | None = Field(default=None, ge=8, le=2048, multiple_of=8)
     model: Literal["lcm", "teacher"] = "lcm"
     teacher_steps: int = Field(default=25, ge=1, le=100)
-    teacher_guidance: float = Field(default=7.5, ge=0, le=30)
+    teacher_guidance: float | None = Field(default=None, ge=0, le=30, description="default: the family's")
     client: str = Field(default="default", max_length=64)
 
 

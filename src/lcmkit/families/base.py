@@ -62,6 +62,10 @@ class Family:
     """Token length per tokenizer (None or missing: the tokenizer's model_max_length)."""
     check_teacher: Callable[[Mapping[str, Any], str], None] | None = None
     """Refuses a teacher this family cannot distill from its denoiser's config (and its spec): raises ConfigError."""
+    teacher_guidance: float = 7.5
+    """The teacher's guidance_scale when none is given: its pipeline's usual one (Stable Diffusion: 7.5)."""
+    pipeline_latents: Callable[[Tensor], Tensor] | None = None
+    """(B, C, H, W) latents -> what its pipeline's `latents` argument takes (FLUX: packed tokens), if not those."""
     text_encoder_labels: Mapping[str, str] = field(default_factory=dict)
     """What each text encoder is, for messages: text_encoder_2 -> T5."""
     time_ids: bool = False

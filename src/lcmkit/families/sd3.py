@@ -52,6 +52,7 @@ SD3 = Family(
     full_student=copy_student,
     lora_targets=JOINT_ATTENTION_TARGETS,
     guidance_range=(2.5, 6.0),
+    teacher_guidance=7.0,
     denoiser="transformer",
     flow=True,
     full_student_takes_w=False,

@@ -16,8 +16,6 @@ from lcmkit.infer.loras import check_lora_matches
 from lcmkit.infer.pipelines import compile_for_inference, denoiser_of, lcm_pipeline, run_batched
 from lcmkit.infer.sampling import (
     DEFAULT_TCD_GAMMA,
-    LORA_GUIDANCE_SCALE,
-    TEACHER_GUIDANCE_SCALE,
     default_guidance_scale,
     lcm_lora_ddim_timesteps,
 )  # fmt: skip
@@ -211,14 +209,15 @@ class FewStepGenerator:
         self,
         prompts: list[str],
         steps: int = 25,
-        guidance: float = TEACHER_GUIDANCE_SCALE,
+        guidance: float | None = None,
         seed: int = 0,
         width: int | None = None,
         height: int | None = None,
         sampler: str = "dpm++",
         should_stop: Callable[[], bool] | None = None,
     ) -> list[Image.Image]:
-        """The same prompts from the teacher (the base, adapters off) with its usual sampler and guidance."""
+        """The same prompts from the teacher (the base, adapters off) with its usual sampler and guidance (default:
+        its family's guidance scale)."""
         from lcmkit.errors import ConfigError
 
         if not self.has_teacher:
@@ -227,6 +226,7 @@ class FewStepGenerator:
         pipe.scheduler = teacher_scheduler(lcm_scheduler.config, sampler)
         pipe.disable_lora()
         try:
+            guidance = self.family_spec.teacher_guidance if guidance is None else guidance
             return run_batched(pipe, prompts, seed, 1, num_inference_steps=steps, guidance_scale=guidance,
                                width=width, height=height, **_stop_callback(should_stop))  # fmt: skip
         finally:
@@ -263,20 +263,27 @@ def distilled_pipeline(
     if lora and not compile:  # compile fuses them itself
         gen.pipe.fuse_lora()
         gen.pipe.unload_lora_weights()
-    w = lcm_guidance if lcm_guidance is not None else (guidance if gen.full else LORA_GUIDANCE_SCALE)
+    # a full UNet LCM takes the teacher's guidance as its w input; otherwise the model's own default (1: no CFG
+    # pass; a guidance-distilled model's guidance input)
+    full_unet = gen.full and not gen.family_spec.flow
+    w = lcm_guidance if lcm_guidance is not None else (guidance if full_unet else gen.default_guidance)
     return gen.pipe, "LCM" if gen.full else "LCM-LoRA", w
 
 
 def plain_diffusers_pipeline(teacher: str, lora: str | None, lcm: str | None, device: str, dtype: Any) -> Any:
     """The same weights loaded the way diffusers' LCM docs do it, for side-by-side benchmarks: the pipeline
     class from_pretrained, LCMScheduler, and an LCM-LoRA through load_lora_weights + fuse_lora."""
-    from diffusers import DiffusionPipeline, LCMScheduler
+    from diffusers import DiffusionPipeline, FlowMatchLCMScheduler, LCMScheduler
+
+    from lcmkit.infer.schedulers import is_flow
 
     folder = Path(lcm) / "pipeline" if lcm and (Path(lcm) / "pipeline").is_dir() else lcm
     pipe = DiffusionPipeline.from_pretrained(folder or teacher, **dtype_kwarg(dtype))
-    # an LCM-LoRA on the grid it was distilled on, as its model card says (a full LCM's config holds its own)
-    grid = {"original_inference_steps": lcm_lora_ddim_timesteps([(lora, 1.0)])} if lora else {}
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, **grid)
+    if is_flow(pipe.scheduler.config):  # SD3/FLUX: FlowMatchLCMScheduler with the teacher's shift
+        pipe.scheduler = FlowMatchLCMScheduler.from_config(pipe.scheduler.config)
+    else:  # an LCM-LoRA on the grid it was distilled on, as its model card says (a full LCM's config holds its own)
+        grid = {"original_inference_steps": lcm_lora_ddim_timesteps([(lora, 1.0)])} if lora else {}
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, **grid)
     if lora:
         file = lora_file(lora)
         pipe.load_lora_weights(str(file.parent), weight_name=file.name)

@@ -77,6 +77,8 @@ def run_batched(
             given = latents[start : start + len(chunk)]
             for g in generators:
                 torch.randn((1, *given.shape[1:]), generator=g)
+            to_pipeline = family_of_pipeline(pipe).pipeline_latents
+            given = to_pipeline(given) if to_pipeline else given
             kwargs["latents"] = given.to(pipe.device, denoiser_of(pipe).dtype)
         if global_noise:
             torch.manual_seed(seed + start)

@@ -11,8 +11,6 @@ from lcmkit.core.solver import guidance_scale, w_of
 from lcmkit.families.base import Family
 from lcmkit.methods.lcd import LCDSettings
 
-TEACHER_GUIDANCE_SCALE = 7.5
-"""The teacher's classifier-free guidance scale when none is given (diffusers' Stable Diffusion default)."""
 FULL_LCM_GUIDANCE_SCALE = 8.5
 """A full LCM's guidance_scale when none is given: diffusers' LatentConsistencyModelPipeline default (w = 7.5)."""
 LORA_GUIDANCE_SCALE = 1.0

@@ -16,6 +16,12 @@ def is_flow(config: Any) -> bool:
     return str(config.get("_class_name", "")).startswith("FlowMatch")
 
 
+def reference_sampler(config: Any) -> str:
+    """The teacher's deterministic many-step sampler that evaluations compare against: DDIM, or a flow teacher's
+    own Euler."""
+    return "euler" if is_flow(config) else "ddim"
+
+
 def teacher_scheduler(config: Any, sampler: str) -> Any:
     """The teacher's noise schedule under DDIM, DPM-Solver++ (2nd order multistep) or Euler. A flow teacher: Euler
     is its own FlowMatchEulerDiscreteScheduler, DPM-Solver++ runs on its flow sigmas (same shift); DDIM is refused."""

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from lcmkit.errors import ConfigError
-from lcmkit.infer.sampling import TEACHER_GUIDANCE_SCALE
 from lcmkit.measure.system import machine, markdown
 
 log = logging.getLogger(__name__)
@@ -241,8 +240,9 @@ class GenerateBench:
     steps: int = 4
     teacher_steps: int = 25
     sampler: str = "dpm++"
-    guidance: float = TEACHER_GUIDANCE_SCALE
-    """The teacher's classifier-free guidance (and a full LCM's w input unless lcm_guidance is set)."""
+    guidance: float | None = None
+    """The teacher's guidance scale (default: its family's, e.g. 7.5 for SD; and a full UNet LCM's w input unless
+    lcm_guidance is set)."""
     lcm_guidance: float | None = None
     resolution: int | None = None
     batch: int = 1
@@ -276,7 +276,7 @@ def bench_generate(cfg: GenerateBench) -> dict[str, Any]:
 
     import torch
 
-    from lcmkit.families.teacher import ModelConfig, load_teacher
+    from lcmkit.families.teacher import ModelConfig, load_teacher, teacher_family
     from lcmkit.infer.generator import distilled_pipeline
     from lcmkit.infer.pipelines import default_size, teacher_pipeline
     from lcmkit.infer.schedulers import teacher_scheduler
@@ -285,10 +285,12 @@ def bench_generate(cfg: GenerateBench) -> dict[str, Any]:
     cfg.check()
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
+    _, family = teacher_family(ModelConfig(teacher=cfg.teacher, teacher_config=cfg.teacher_config))
+    guidance = family.teacher_guidance if cfg.guidance is None else cfg.guidance
     rows = []
     if cfg.lora or cfg.lcm:
         lcm, name, w = distilled_pipeline(cfg.teacher, cfg.lora, cfg.lcm, cfg.teacher_config, device, cfg.dtype,
-                                          cfg.guidance, cfg.lcm_guidance, compile=cfg.compile)  # fmt: skip
+                                          guidance, cfg.lcm_guidance, compile=cfg.compile)  # fmt: skip
         size = cfg.resolution or default_size(lcm)
         warmup = max(cfg.warmup, 1) if cfg.compile else cfg.warmup
         row = bench_pipeline(lcm, cfg.steps, w, cfg.batch, size, cfg.repeats, warmup, cfg.prompt)
@@ -316,7 +318,7 @@ def bench_generate(cfg: GenerateBench) -> dict[str, Any]:
         device, dtype
     )
     size = cfg.resolution or default_size(pipe)
-    row = bench_pipeline(pipe, cfg.teacher_steps, cfg.guidance, cfg.batch, size, cfg.repeats, cfg.warmup, cfg.prompt)
+    row = bench_pipeline(pipe, cfg.teacher_steps, guidance, cfg.batch, size, cfg.repeats, cfg.warmup, cfg.prompt)
     rows.append({"model": "teacher", "sampler": cfg.sampler, **row})
     for r in rows:
         r["speedup_vs_teacher"] = rows[-1]["s_per_image"] / r["s_per_image"]

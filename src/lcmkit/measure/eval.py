@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lcmkit.errors import ConfigError
-from lcmkit.infer.sampling import DEFAULT_TCD_GAMMA, TEACHER_GUIDANCE_SCALE
+from lcmkit.infer.sampling import DEFAULT_TCD_GAMMA
 from lcmkit.infer.schedulers import LCM_SAMPLERS, check_tcd_gamma, with_sampler
 
 # -- metrics ----------------------------------------------------------------------------------------------
@@ -280,6 +280,8 @@ class Column:
     images: list[Image.Image] = field(default_factory=list)
     seconds_per_image: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
+    reference: bool = False
+    """The teacher's deterministic sampler (DDIM; Euler for a flow teacher): its 50-step images are the reference."""
 
 
 def parse_steps(text: str, flag: str = "--steps") -> list[int]:
@@ -348,8 +350,8 @@ def score_columns(
 
 # metric -> (table header, format, plot label)
 METRICS: dict[str, tuple[str, str, str]] = {
-    "psnr": ("PSNR vs ref (dB)", "{:.2f}", "PSNR vs teacher DDIM 50 (dB), higher = closer"),
-    "ms_ssim_distance": ("1-MS-SSIM vs ref", "{:.4f}", "1 - MS-SSIM vs teacher DDIM 50, lower = closer"),
+    "psnr": ("PSNR vs ref (dB)", "{:.2f}", "PSNR vs teacher DDIM 50 (a flow teacher: Euler 50) (dB), higher = closer"),
+    "ms_ssim_distance": ("1-MS-SSIM vs ref", "{:.4f}", "1 - MS-SSIM vs teacher DDIM 50 (Euler 50), lower = closer"),
     "prompt_accuracy": ("prompt accuracy", "{:.1%}", "prompt accuracy (toy checker)"),
     "probe_fd": ("probe-FD", "{:.2f}", "probe-FD to real toy renders, lower = better"),
     "clip_score": ("CLIP score", "{:.2f}", "CLIP score, higher = better"),
@@ -482,8 +484,9 @@ class EvalSettings:
     lcm_samplers: tuple[str, ...] = ("lcm",)
     """The distilled model's samplers: lcm (LCMScheduler) and/or tcd (TCDScheduler with `tcd_gamma`)."""
     tcd_gamma: float = DEFAULT_TCD_GAMMA
-    guidance: float = TEACHER_GUIDANCE_SCALE
-    """The teacher's classifier-free guidance scale (and a full LCM's w input unless lcm_guidance is set)."""
+    guidance: float | None = None
+    """The teacher's guidance scale (default: its family's, e.g. 7.5 for SD; and a full UNet LCM's w input unless
+    lcm_guidance is set)."""
     lcm_guidance: float | None = None
     """Default: 1 for an LCM-LoRA (no CFG), `guidance` for a full LCM."""
     seed: int = 0
@@ -519,8 +522,8 @@ class EvalSettings:
             raise ConfigError(f"--resolution {self.size}: must be a multiple of 8")
 
 
-REFERENCE = ("teacher DDIM", 50)
-TEACHER_SAMPLERS = {"ddim": "teacher DDIM", "dpm++": "teacher DPM++"}
+REFERENCE_STEPS = 50
+TEACHER_SAMPLERS = {"ddim": "teacher DDIM", "dpm++": "teacher DPM++", "euler": "teacher Euler"}
 
 
 def build_columns(settings: EvalSettings) -> list[Column]:
@@ -529,17 +532,18 @@ def build_columns(settings: EvalSettings) -> list[Column]:
     from lcmkit.families.teacher import ModelConfig, load_teacher
     from lcmkit.infer.generator import distilled_pipeline
     from lcmkit.infer.pipelines import teacher_pipeline
-    from lcmkit.infer.schedulers import teacher_scheduler
+    from lcmkit.infer.schedulers import reference_sampler, teacher_scheduler
     from lcmkit.runtime import pick_device, pick_dtype
 
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     teacher = load_teacher(ModelConfig(teacher=settings.teacher, teacher_config=settings.teacher_config), dtype)
+    guidance = teacher.family.teacher_guidance if settings.guidance is None else settings.guidance
     columns: list[Column] = []
     if settings.lora or settings.lcm:
         s = settings
         pipe, name, w = distilled_pipeline(
-            s.teacher, s.lora, s.lcm, s.teacher_config, device, s.dtype, s.guidance, s.lcm_guidance
+            s.teacher, s.lora, s.lcm, s.teacher_config, device, s.dtype, guidance, s.lcm_guidance
         )
         for sampler in settings.lcm_samplers:
             group, options = (name, {}) if sampler == "lcm" else (f"{name} TCD", {"eta": settings.tcd_gamma})
@@ -547,11 +551,14 @@ def build_columns(settings: EvalSettings) -> list[Column]:
             columns += [Column(f"{group} {n}", group, sampler_pipe, n, w, options) for n in settings.steps]
     chosen = settings.teacher_steps
     teacher_steps = sorted({*settings.steps, *settings.reference_steps} if chosen is None else {*chosen})
+    reference = reference_sampler(teacher.scheduler.config)
     for sampler in settings.teacher_samplers:
+        sampler = reference if sampler in ("ddim", "euler") else sampler  # a flow teacher's deterministic one: Euler
         group = TEACHER_SAMPLERS[sampler]
         pipe = teacher_pipeline(teacher, teacher.denoiser, teacher_scheduler(teacher.scheduler.config, sampler))
         pipe.to(device, dtype)
-        columns += [Column(f"{group} {n}", group, pipe, n, settings.guidance) for n in teacher_steps]
+        columns += [Column(f"{group} {n}", group, pipe, n, guidance, reference=sampler == reference)
+                    for n in teacher_steps]  # fmt: skip
     return columns
 
 
@@ -568,17 +575,18 @@ def run_eval(settings: EvalSettings, scorers: list[Scorer] | None = None) -> dic
     columns = build_columns(settings)
     pipe = columns[-1].pipe
     size = settings.size or default_size(pipe)
-    shape = (int(denoiser_of(pipe).config.in_channels), size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    shape = (int(pipe.vae.config.latent_channels), size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     noise = initial_noise(len(settings.prompts), shape, settings.seed)
     sample_columns(columns, settings.prompts, noise, settings.seed, settings.batch_size, size, settings.progress)
-    reference = next((c.images for c in columns if (c.group, c.steps) == REFERENCE), [])
+    ref = next((c for c in columns if c.reference and c.steps == REFERENCE_STEPS), None)
+    reference = ref.images if ref else []
     score_columns(columns, settings.prompts, reference, [agreement, *(scorers or [])], settings.progress)
 
     rows = [[c.images[i] for c in columns] for i in range(min(settings.grid_rows, len(settings.prompts)))]
     image_grid(rows, settings.prompts, [c.label for c in columns]).save(out / "grid.png")
     info = {
         "teacher": settings.teacher, "lora": settings.lora, "lcm": settings.lcm,
-        "reference": "teacher DDIM 50" if reference else None,
+        "reference": ref.label if ref else None,
         "lcm_samplers": list(settings.lcm_samplers), "tcd_gamma": settings.tcd_gamma,
         "n_images": len(settings.prompts), "seed": settings.seed, "resolution": size,
         "batch_size": settings.batch_size, "device": str(pipe.device),
