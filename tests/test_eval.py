@@ -269,7 +269,7 @@ def test_clip_score_from_a_local_folder_only(tiny_sd, tmp_path, capsys, monkeypa
         (["--steps", "2,-1"], "--steps 2,-1"),
         (["--num-images", "0"], "--num-images 0"),
         (["--teacher-steps", "4,x"], "--teacher-steps 4,x"),
-        (["--teacher-samplers", "ddim,euler"], "--teacher-samplers ddim,euler"),
+        (["--teacher-samplers", "ddim,heun"], "--teacher-samplers ddim,heun"),
         (["--lcm-samplers", "lcm,euler"], "--lcm-samplers lcm,euler"),
         (["--lcm-samplers", "tcd", "--tcd-gamma", "-0.1"], "--tcd-gamma -0.1"),
         (["--inception", "{tmp}/inception.pth"], "pickles are refused"),
