@@ -30,7 +30,8 @@ EVAL = Flags(
         "teacher_steps": {"text": lambda text: parse_steps(text, "--teacher-steps"),
                           "help": f"the teacher's step counts (default: --steps plus {REFERENCE_STEPS}); without 50 "
                           "there is no DDIM 50 reference, so no PSNR/MS-SSIM/FID"},
-        "teacher_samplers": {"text": split_list, "help": "teacher samplers: ddim, dpm++, euler (a flow teacher: euler for ddim)"},
+        "teacher_samplers": {"text": split_list,
+                             "help": "teacher samplers: ddim, dpm++, euler (a flow teacher: euler for ddim)"},
         "lcm_samplers": {"text": split_list,
                          "help": "the distilled model's samplers: lcm (LCMScheduler), tcd (TCDScheduler) or both"},
         "tcd_gamma": {"help": "TCD's gamma (0: deterministic; 1: LCM's sampling)"},
