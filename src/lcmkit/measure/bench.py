@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lcmkit.errors import ConfigError
-from lcmkit.measure.system import machine, markdown
+from lcmkit.measure.system import machine, markdown, peak_bf16_tflops
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,35 @@ def bench_distill(
             teacher = str(build_sd15(Path(arch_dir) / arch))
             data = data or synthetic_images(Path(arch_dir) / "images", n=max(8, batch_size * 4), size=resolution)
         extra = [*(extra or []), *(["--profile-steps", str(steps - 1)] if profile else [])]
-        return _bench_distill_runs(teacher, data, modes, steps, batch_size, resolution, lora_rank, extra,
+        rows = _bench_distill_runs(teacher, data, modes, steps, batch_size, resolution, lora_rank, extra,
                                    teacher_config, cache, compile)  # fmt: skip
+        flops = step_flops_per_sample(teacher, teacher_config, resolution)
+    for row in rows:  # model FLOP/s and, on a GPU whose peak is known, MFU
+        row["step_tflop"] = flops * row["batch_size"] / 1e12
+        row["tflops_per_s"] = row["step_tflop"] / row["median_s_per_step"]
+        peak = peak_bf16_tflops(row.get("gpu"))
+        row["mfu"] = row["tflops_per_s"] / peak if peak else None
+    return rows
+
+
+def step_flops_per_sample(teacher: str, teacher_config: str | None, resolution: int) -> float:
+    """Model FLOPs of one distillation step per sample: six forward passes of the denoiser (the teacher's cond and
+    uncond, the target's, the student's forward, and its backward counted as two), one forward counted by torch's
+    FlopCounterMode at batch 1 and this resolution."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lcmkit.families.teacher import ModelConfig, load_teacher
+
+    t = load_teacher(ModelConfig(teacher=teacher, teacher_config=teacher_config))
+    size = torch.tensor([[resolution, resolution]])
+    cond = t.conditioner().encode([""], size, torch.zeros_like(size), (resolution, resolution))
+    latent = resolution // t.vae_downsampling
+    z = torch.randn(1, int(t.vae.config.latent_channels), latent, latent)
+    time_, _ = t.trajectory(resolution).sample_pairs(1, 50, None, "cpu")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        t.family.call(t.denoiser, z, time_, cond, torch.full((1,), 3.0), None)
+    return 6.0 * counter.get_total_flops()
 
 
 def _bench_distill_runs(
@@ -94,7 +121,8 @@ def _bench_distill_runs(
                 "mode": mode, "data": kind, "compiled": compiled, "steps": steps, "batch_size": batch_size,
                 "resolution": resolution,
                 "median_s_per_step": record["median_s_per_step"], "samples_per_s": record["samples_per_s"],
-                "peak_rss_mb": record["peak_rss_mb"], "wall_s": time.perf_counter() - start,
+                "peak_rss_mb": record["peak_rss_mb"], "peak_gpu_mb": record.get("peak_gpu_mb"),
+                "gpu": record.get("machine", {}).get("gpu"), "wall_s": time.perf_counter() - start,
                 **({"cache_build_s": cache_s} if kind == "cache" else {}),
                 **({"profile": profile} if profile else {}),
             })  # fmt: skip
@@ -102,10 +130,13 @@ def _bench_distill_runs(
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = ["mode", "data", "compiled", "batch", "resolution", "median s/step", "samples/s", "peak RSS MB"]
+    header = ["mode", "data", "compiled", "batch", "resolution", "median s/step", "samples/s", "model TFLOP/s", "MFU",
+              "peak RSS MB", "peak GPU MiB"]  # fmt: skip
     cells = [[r["mode"], r.get("data", "raw"), "yes" if r.get("compiled") else "no", str(r["batch_size"]),
-              str(r["resolution"]),
-              f"{r['median_s_per_step']:.3f}", f"{r['samples_per_s']:.1f}", f"{r['peak_rss_mb']:.0f}"]
+              str(r["resolution"]), f"{r['median_s_per_step']:.3f}", f"{r['samples_per_s']:.1f}",
+              f"{r['tflops_per_s']:.2f}" if r.get("tflops_per_s") else "-",
+              f"{r['mfu']:.0%}" if r.get("mfu") else "-", f"{r['peak_rss_mb']:.0f}",
+              f"{r['peak_gpu_mb']:.0f}" if r.get("peak_gpu_mb") else "-"]
              for r in rows]  # fmt: skip
     text = markdown(header, cells)
     for r in rows:

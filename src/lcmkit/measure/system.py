@@ -27,6 +27,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def peak_gpu_mb() -> float | None:
+    """Peak GPU memory allocated by this process (MiB), None without CUDA."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+"""Dense bf16 tensor-core peak of datacenter GPUs (vendor datasheets, SXM parts; TFLOP/s): the denominator of MFU."""
+
+
+def peak_bf16_tflops(device_name: str | None) -> float | None:
+    """The dense bf16 peak of a GPU from its name, None when unknown (or a CPU)."""
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if device_name and key in device_name:
+            return tflops
+    return None
+
+
 def cpu_model() -> str:
     """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
     try:

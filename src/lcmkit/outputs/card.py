@@ -187,7 +187,8 @@ def model_card(out: Path, repo_id: str | None = None) -> Any:
         f"{cfg['lcd']['loss']} loss",
         f"- Time: {r.get('wall_s', 0):.0f} s in all"
         + (f", {s_step:.3f} s per step" if s_step else "")
-        + f" on {hardware} ({r.get('device', '?')}), peak RSS {r.get('peak_rss_mb', 0):.0f} MB",
+        + f" on {hardware} ({r.get('device', '?')}), peak RSS {r.get('peak_rss_mb', 0):.0f} MB"
+        + (f", peak GPU memory {r['peak_gpu_mb']:.0f} MiB" if r.get("peak_gpu_mb") else ""),
         "- Library versions: " + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()),
         f"- The exact configuration is in `{RUN_RECORD}`.",
     ]

@@ -10,7 +10,7 @@ from typing import Any
 from lcmkit.families.models import LCDModels, save_full_lcm, save_lora
 from lcmkit.families.teacher import Teacher
 from lcmkit.infer.sampling import SamplingFacts
-from lcmkit.measure.system import machine, peak_rss_mb, versions
+from lcmkit.measure.system import machine, peak_gpu_mb, peak_rss_mb, versions
 from lcmkit.train.checkpoint import CHECKPOINT_DIR
 
 RUN_RECORD = "lcmkit_run.json"
@@ -34,6 +34,7 @@ def save_weights(models: LCDModels, teacher: Teacher, out: Path, cfg: Any, unwra
 def write_run_record(out: Path, record: dict[str, Any], t_start: float) -> Path:
     """The run record: what was run (record) plus where, with which versions, how long and how much memory."""
     record = {**record, "versions": versions(), "wall_s": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(),
+              "peak_gpu_mb": peak_gpu_mb(),
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine()}  # fmt: skip
     path = out / RUN_RECORD
     path.write_text(json.dumps(record, indent=2) + "\n")
