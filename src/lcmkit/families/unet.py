@@ -3,6 +3,8 @@ the modules its LoRA adapts."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -16,9 +18,9 @@ UNET_LORA_TARGETS = (
 )  # fmt: skip
 
 
-def config_of(module: nn.Module) -> dict:
-    """The diffusers config of a model, also through a DDP / compile wrapper."""
-    return dict(getattr(module, "module", module).config)
+def config_of(module: nn.Module) -> Any:
+    """The diffusers config of a model (a mapping), also through a DDP / compile wrapper."""
+    return getattr(module, "module", module).config
 
 
 def unet_call(
