@@ -27,11 +27,15 @@ from lcmkit.core.flow import (
     noised,
 )
 from lcmkit.core.prediction import predicted_noise, predicted_origin
-from lcmkit.core.schedule import NoiseSchedule, append_dims, sample_timestep_pairs
+from lcmkit.core.schedule import NoiseSchedule, append_dims, ddim_timesteps, sample_timestep_pairs
 from lcmkit.core.solver import ddim_step, guided_ddim_step
 
 
 class Trajectory(Protocol):
+    def grid(self, num_steps: int, device: torch.device | str = "cpu") -> Tensor:
+        """The N + 1 times of an N-step solver grid, from the clean end (index 0) to pure noise (index N)."""
+        ...
+
     def sample_pairs(
         self, batch: int, num_steps: int, generator: torch.Generator | None, device: torch.device | str
     ) -> tuple[Tensor, Tensor]:
@@ -57,6 +61,12 @@ class DiffusionTrajectory:
     schedule: NoiseSchedule
     prediction_type: str
     """What the network outputs: epsilon, v_prediction or sample."""
+
+    def grid(self, num_steps: int, device: torch.device | str = "cpu") -> Tensor:
+        """0, then the DDIM timesteps tau_i = (i + 1) k - 1: index i + 1 holds tau_i, and index i is where LCD's
+        skipping step from tau_i lands (max(tau_i - k, 0))."""
+        taus = ddim_timesteps(self.schedule.num_train_timesteps, num_steps)
+        return torch.cat([torch.zeros(1, dtype=taus.dtype), taus]).to(device)
 
     def sample_pairs(
         self, batch: int, num_steps: int, generator: torch.Generator | None, device: torch.device | str
@@ -92,6 +102,9 @@ class FlowTrajectory:
     """Times are sigmas in [0, 1]; the network outputs the velocity v = eps - x0."""
 
     schedule: FlowSchedule
+
+    def grid(self, num_steps: int, device: torch.device | str = "cpu") -> Tensor:
+        return self.schedule.grid(num_steps).float().to(device)
 
     def sample_pairs(
         self, batch: int, num_steps: int, generator: torch.Generator | None, device: torch.device | str

@@ -25,6 +25,7 @@ from lcmkit.families.teacher import ModelConfig
 from lcmkit.fields import field_docs
 from lcmkit.methods import METHODS
 from lcmkit.methods.lcd import LCDSettings
+from lcmkit.methods.tcd import PCMSettings
 from lcmkit.train.loop import LoopSettings
 from lcmkit.train.optim import LR_SCHEDULERS, OptimConfig
 
@@ -92,6 +93,7 @@ class DistillConfig:
     """A shipped preset (lcmkit presets): its values sit under the config file's and the flags'."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lcd: LCDConfig = field(default_factory=LCDConfig)
+    pcm: PCMSettings = field(default_factory=PCMSettings)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -101,7 +103,7 @@ class DistillConfig:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("model", "lcd", "lora", "optim", "data", "train")
+SECTIONS = ("model", "lcd", "pcm", "lora", "optim", "data", "train")
 
 
 def _sections() -> dict[str, type]:
@@ -267,6 +269,9 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ConfigError(f"--mode {cfg.mode!r}: choose full or lora")
     if cfg.method not in METHODS:
         raise ConfigError(f"--method {cfg.method!r}: choose one of {', '.join(sorted(METHODS))}")
+    if not 1 <= cfg.pcm.num_phases <= cfg.lcd.num_ddim_timesteps:
+        raise ConfigError(f"--num-phases {cfg.pcm.num_phases}: must be between 1 and --num-ddim-timesteps "
+                          f"({cfg.lcd.num_ddim_timesteps})")  # fmt: skip
     if not cfg.model.teacher:
         raise ConfigError("no teacher given: pass --teacher (hub id, diffusers folder or .safetensors file)")
     if cfg.model.family is not None and cfg.model.family not in FAMILIES:

@@ -115,7 +115,7 @@ def _run(
     released = release_for_cache(source, teacher, conditioner, cfg) if cfg.mode == "lora" else []
     generator = torch.Generator(device).manual_seed(tr.seed * 1000 + accelerator.process_index)
     encode = BatchEncoder(teacher, conditioner, cfg.lcd.uncond, d.resolution, generator, device)
-    method, skips = METHODS[cfg.method](getattr(cfg, cfg.method)), SkipTally()  # built from its own config section
+    method, skips = METHODS[cfg.method](cfg.lcd, getattr(cfg, cfg.method, None)), SkipTally()  # [lcd] + its own
 
     def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         skips.update(batch)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from lcmkit.methods.lcd import LCD
+from lcmkit.methods.tcd import PCM, TCD
 
-METHODS = {"lcd": LCD}
-"""name -> method class, built from its own config section. A new method is one module here and one line."""
+METHODS = {"lcd": LCD, "tcd": TCD, "pcm": PCM}
+"""name -> method class, built from the [lcd] section (w range, grid, distance: every consistency method's) and its
+own section if it has one ([pcm]). A new method is one module here and one line."""

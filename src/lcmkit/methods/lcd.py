@@ -42,7 +42,7 @@ class LCDSettings:
 class LCD:
     """One LCD example batch per call of `loss`, Algorithm 1 of the LCM paper."""
 
-    def __init__(self, settings: LCDSettings):
+    def __init__(self, settings: LCDSettings, extra: object = None):
         self.settings = settings
 
     def f(self, nets: Nets, model_output: Tensor, z_t: Tensor, t: Tensor) -> Tensor:

@@ -13,9 +13,13 @@ from typing import Any
 from lcmkit.errors import ConfigError
 from lcmkit.families import get_family
 from lcmkit.families.base import Family
-from lcmkit.infer.sampling import LCMSCHEDULER_DEFAULT_GRID, default_guidance_scale, guidance_scale
+from lcmkit.infer.sampling import DEFAULT_TCD_GAMMA, LCMSCHEDULER_DEFAULT_GRID, default_guidance_scale, guidance_scale
 
 CARD = "README.md"
+
+
+METHOD_NAMES = {"lcd": "Latent Consistency Distillation", "tcd": "Trajectory Consistency Distillation",
+                "pcm": "phased consistency distillation (PCM)"}  # fmt: skip
 
 
 RUN_RECORD = "lcmkit_run.json"
@@ -77,6 +81,18 @@ image = pipe("a photo of a cat", num_inference_steps=4, sigmas=[1.0, 0.75, 0.5, 
 image.save("cat.png")'''
 
 
+def sampler_of(record: dict[str, Any]) -> tuple[str, int, str]:
+    """(diffusers scheduler, steps, eta argument) a UNet student of this method samples with: LCD with LCMScheduler,
+    TCD with TCDScheduler (gamma 0.3, its paper's), PCM with TCDScheduler at gamma 0 in K steps: deterministic, edge
+    to edge of the phases it was trained on (docs/methods.md)."""
+    method = record["config"].get("method", "lcd")
+    if method == "pcm":
+        return "TCDScheduler", int(record["config"]["pcm"]["num_phases"]), ", eta=0.0"
+    if method == "tcd":
+        return "TCDScheduler", 4, f", eta={DEFAULT_TCD_GAMMA}"
+    return "LCMScheduler", 4, ""
+
+
 def usage_snippet(record: dict[str, Any], weights: str) -> str:
     """A diffusers snippet for this output; `weights` is where the LoRA or pipeline lives (a repo id or a path)."""
     teacher, family, mode = record["config"]["model"]["teacher"], get_family(record["family"]), record["mode"]
@@ -86,22 +102,27 @@ def usage_snippet(record: dict[str, Any], weights: str) -> str:
         pipe_cls = family.pipeline
         n = record["config"]["lcd"]["num_ddim_timesteps"]  # the grid it was distilled on: sample on the same one
         grid = "" if n == LCMSCHEDULER_DEFAULT_GRID else f", original_inference_steps={n}"
+        scheduler, steps, eta = sampler_of(record)
+        guidance = default_guidance_scale(False)
         return f'''import torch
-from diffusers import {pipe_cls}, LCMScheduler
+from diffusers import {pipe_cls}, {scheduler}
 
 pipe = {pipe_cls}.from_pretrained("{teacher}")
-pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config{grid})
+pipe.scheduler = {scheduler}.from_config(pipe.scheduler.config{grid})
 pipe.load_lora_weights("{weights}")
-image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale={default_guidance_scale(False)}).images[0]
+image = pipe("a photo of a cat", num_inference_steps={steps}{eta}, guidance_scale={guidance}).images[0]
 image.save("cat.png")'''
     pipe_cls = family.lcm_pipeline
     if Path(weights).is_dir():  # a local distill folder: the pipeline is in pipeline/ (a pushed repo has it at the top)
         weights = str(Path(weights) / "pipeline")
+    scheduler, steps, eta = sampler_of(record)
+    swap = "" if scheduler == "LCMScheduler" else f"\npipe.scheduler = {scheduler}.from_config(pipe.scheduler.config)"
+    guidance = default_guidance_scale(True)
     return f'''import torch
-from diffusers import {pipe_cls}
+from diffusers import {pipe_cls}{", " + scheduler if swap else ""}
 
-pipe = {pipe_cls}.from_pretrained("{weights}")  # LCMScheduler inside
-image = pipe("a photo of a cat", num_inference_steps=4, guidance_scale={default_guidance_scale(True)}).images[0]
+pipe = {pipe_cls}.from_pretrained("{weights}")  # LCMScheduler inside{swap}
+image = pipe("a photo of a cat", num_inference_steps={steps}{eta}, guidance_scale={guidance}).images[0]
 image.save("cat.png")'''
 
 
@@ -134,7 +155,8 @@ def model_card(out: Path, repo_id: str | None = None) -> Any:
         "",
         f"This is {what} distilled from {named} "
         f"({family.label}, {prediction_text(r.get('prediction_type', 'epsilon'))}) "
-        "with lcmkit by Latent Consistency Distillation: it generates in 2-8 "
+        f"with lcmkit by {METHOD_NAMES.get(cfg.get('method', 'lcd'), 'Latent Consistency Distillation')}: it "
+        "generates in 2-8 "
         "steps instead of 25-50.",
         "",
         "## Use it",
@@ -143,7 +165,7 @@ def model_card(out: Path, repo_id: str | None = None) -> Any:
         usage_snippet(r, repo_id or str(out)),
         "```",
         "",
-        guidance_text(family, lora, cfg["lcd"]),
+        guidance_text(family, lora, cfg["lcd"]) + method_text(cfg),
         "",
     ]  # fmt: skip
     if family.flow and lora:
@@ -232,6 +254,18 @@ def guidance_text(family: Family, lora: bool, lcd: dict[str, Any]) -> str:
                 "negative prompt use 1.5-2)." + fine_tunes)
     return ("Steps 2-8 (4 is a good default), guidance 4-13 (the w input; no classifier-free guidance pass is run, "
             "so each step costs one UNet call).")
+
+
+def method_text(cfg: dict[str, Any]) -> str:
+    """What sampling a TCD or PCM student needs beyond the family's advice."""
+    method = cfg.get("method", "lcd")
+    if method == "pcm":
+        k = cfg["pcm"]["num_phases"]
+        return (f" Distilled with phased consistency (PCM, {k} phases): sample in exactly {k} step{'s' * (k > 1)} with "
+                "TCDScheduler at eta 0, which steps edge to edge of the trained phases, deterministically.")
+    if method == "tcd":
+        return " Distilled with TCD: sample with TCDScheduler (eta is TCD's gamma, 0.3 by default)."
+    return ""
 
 
 def write_model_card(out: Path, repo_id: str | None = None) -> Path:

@@ -1,0 +1,93 @@
+"""Trajectory Consistency Distillation (Zheng et al. 2024, arXiv 2402.19159) and Phased Consistency Models (Wang et
+al. 2024, arXiv 2405.18407) as method objects beside LCD.
+
+Both replace LCD's map to the origin with a map to an earlier point s of the same trajectory, the trajectory
+consistency function f(z_t, t, s): the first-order exponential-integrator step from t to s with the network's own
+prediction (a DDIM step for a VP teacher, an Euler step of the velocity for a flow teacher; core/trajectory.py).
+f(z, t, t) = z holds by construction, so no boundary scalings are needed. The loss compares
+f_theta(z_{t_{n+k}}, t_{n+k}, s) with f_theta-(z_{t_n}, t_n, s), z_{t_n} from the guided teacher's solver step:
+
+- TCD draws s per example uniformly among the grid points at or below t_n (s = 0 is LCD's origin);
+- PCM splits the grid into K phases and takes s = the lower edge of the phase of t_{n+k}: the student learns K
+  consistent sub-trajectories and samples deterministically in K steps, edge to edge (docs/methods.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.profiler import record_function
+
+from lcmkit.methods.base import Batch, Nets
+from lcmkit.methods.lcd import LCD, LCDSettings
+
+
+class TCD(LCD):
+    """One TCD example batch per call of `loss`; the settings are LCD's (w range, N, distance)."""
+
+    def __init__(self, settings: LCDSettings, extra: object = None):
+        super().__init__(settings)
+
+    def end_index(self, start: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Index of s on the grid for start index i (t_{n+k} = grid[i], t_n = grid[i - 1]): uniform in 0..i-1."""
+        u = torch.rand(start.shape, generator=generator, device=start.device)
+        return (u * start).long().clamp(max=start - 1)
+
+    def loss(self, nets: Nets, batch: Batch, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        s, ode = self.settings, nets.trajectory
+        z0 = batch.z0.float()
+        n, device = z0.shape[0], z0.device
+        grid = ode.grid(s.num_ddim_timesteps, device)
+        start = torch.randint(1, s.num_ddim_timesteps + 1, (n,), generator=generator, device=device)
+        end = self.end_index(start, generator)
+        t_n_plus_k, t_n, t_s = grid[start], grid[start - 1], grid[end]
+        eps = torch.randn(z0.shape, generator=generator, device=device)
+        w = s.w_min + (s.w_max - s.w_min) * torch.rand(n, generator=generator, device=device)
+        z_n_plus_k = ode.noised(z0, eps, t_n_plus_k)
+
+        # Student: f_theta(z_{n+k}, t_{n+k}, s), its own step from t_{n+k} to s.
+        with record_function("lcd/student_forward"):
+            out = nets.student(z_n_plus_k, t_n_plus_k, batch.cond, w)
+            f_student = ode.solver_step(out.float(), None, z_n_plus_k, t_n_plus_k, t_s, w)
+
+        with torch.no_grad():
+            with record_function("lcd/teacher"):
+                out_cond, out_uncond = nets.teacher_outputs(z_n_plus_k, t_n_plus_k, batch, w)
+            z_n = ode.solver_step(out_cond, out_uncond, z_n_plus_k, t_n_plus_k, t_n, w)
+            # Target: f_theta-(z_n, t_n, s); where t_n = s it is z_n itself.
+            with record_function("lcd/target"):
+                target = nets.target(z_n, t_n, batch.cond, w).float()
+                f_target = ode.solver_step(target, None, z_n, t_n, t_s, w)
+
+        return self.distance(f_student, f_target), {"w_mean": w.mean(), "t_mean": t_n_plus_k.float().mean(),
+                                                     "s_mean": t_s.float().mean()}  # fmt: skip
+
+
+@dataclass
+class PCMSettings:
+    """The [pcm] section: what PCM adds to LCD's settings."""
+
+    num_phases: int = 4
+    """K: the trajectory is split into K phases; the student samples in K deterministic steps (1, 2, 4 or 8)."""
+
+
+def phase_edges(num_steps: int, num_phases: int) -> Tensor:
+    """Grid indices of the K + 1 phase edges, 0 included: N - floor(j N / K) for j < K, the grid points that
+    diffusers' TCDScheduler steps through for K inference steps on an N-step grid (original_inference_steps = N)."""
+    tops = {num_steps - (j * num_steps) // num_phases for j in range(num_phases)}
+    return torch.tensor(sorted({0, *tops}))
+
+
+class PCM(TCD):
+    """Phased consistency: s is the lower edge of the phase that holds t_{n+k}."""
+
+    def __init__(self, settings: LCDSettings, extra: PCMSettings | None = None):
+        super().__init__(settings)
+        self.phases = extra or PCMSettings()
+
+    def end_index(self, start: Tensor, generator: torch.Generator | None) -> Tensor:
+        edges = phase_edges(self.settings.num_ddim_timesteps, self.phases.num_phases).to(start.device)
+        below = torch.searchsorted(edges, start, right=False) - 1  # the largest edge strictly below the start index
+        return edges[below]
