@@ -129,3 +129,75 @@ def test_pcm_lora_samples_in_k_deterministic_steps_and_resumes_exactly(tiny_sd, 
     pipe.load_lora_weights(str(whole))
     a, b = image(), image()
     assert np.array_equal(a, b) and np.abs(a - base).max() > 1e-3
+
+
+def lora_with_alpha(teacher: str, out, alpha: float = 8.0):
+    """A rank-4 LoRA with alpha 8 (scale 2) on to_q/to_k and random B weights, written by lcmkit's writer."""
+    from diffusers import UNet2DConditionModel
+
+    from lcmkit.families import get_family
+    from lcmkit.families.models import LoraConfig, lora_config, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(f"{teacher}/unet")
+    cfg = LoraConfig(lora_rank=4, lora_alpha=alpha, lora_target_modules=["to_q", "to_k"])
+    unet.add_adapter(lora_config(cfg, get_family("sd")))
+    torch.manual_seed(0)
+    for name, p in unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0.0, 0.05)
+    out.mkdir(parents=True, exist_ok=True)
+    return save_lora(unet, get_family("sd"), out, cfg)
+
+
+def test_init_lora_starts_from_the_file_with_its_rank_alpha_and_targets(tiny_sd, shards, tmp_path, capsys):
+    """--init-lora: one step at a vanishing learning rate leaves the adapter as the file had it (same keys, same
+    weights, alpha 8 kept), so the output draws the file's image in diffusers; a kohya file of it starts the same
+    way; a LoRA of another model and --mode full get one line."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    source = lora_with_alpha(tiny_sd, tmp_path / "src")
+    args = ["--max-steps", "1", "--learning-rate", "1e-12", "--init-lora"]
+    out = tmp_path / "out"
+    assert run_cli(*distill_args(tiny_sd, shards, out, "lora", *args, str(source))) == 0
+    lora = json.loads((out / "lcmkit_run.json").read_text())["config"]["lora"]
+    assert (lora["lora_rank"], lora["lora_alpha"]) == (4, 8.0)
+    a, b = load_file(source), load_file(out / "pytorch_lora_weights.safetensors")
+    assert sorted(a) == sorted(b) and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-9
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def image(folder):
+        pipe.load_lora_weights(str(folder))
+        img = pipe("a red square", num_inference_steps=2, height=64, width=64, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+        pipe.unload_lora_weights()
+        return img
+
+    base = pipe("a red square", num_inference_steps=2, height=64, width=64, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    original = image(source.parent)
+    assert np.abs(original - base).max() > 1e-3
+    np.testing.assert_allclose(image(out), original, atol=1e-5)
+
+    kohya = tmp_path / "kohya.safetensors"
+    assert run_cli("export", "kohya", str(source), "--out", str(kohya)) == 0
+    from_kohya = tmp_path / "from-kohya"
+    assert run_cli(*distill_args(tiny_sd, shards, from_kohya, "lora", *args, str(kohya))) == 0
+    np.testing.assert_allclose(image(from_kohya), original, atol=1e-5)
+
+    capsys.readouterr()
+    assert run_cli(*distill_args(tiny_sd, shards, tmp_path / "x", "full", *args, str(source))) == 2
+    assert "--init-lora" in capsys.readouterr().err
+
+
+def test_init_lora_for_another_model_is_refused(tiny_sd, tiny_sdxl, shards, tmp_path, capsys):
+    xl = tmp_path / "xl"
+    assert run_cli(*distill_args(tiny_sdxl, shards, xl, "lora", "--max-steps", "1")) == 0
+    capsys.readouterr()
+    assert run_cli(*distill_args(tiny_sd, shards, tmp_path / "x", "lora", "--init-lora", str(xl))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lcmkit: error: --init-lora") and len(err.splitlines()) == 1, err

@@ -297,6 +297,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ConfigError(f"--uncond {lcd.uncond!r}: choose auto, empty or zeros")
     if cfg.lora.lora_rank < 1:
         raise ConfigError(f"--lora-rank {cfg.lora.lora_rank}: must be >= 1")
+    if cfg.lora.init_lora and cfg.mode != "lora":
+        raise ConfigError(f"--init-lora {cfg.lora.init_lora}: starting from a LoRA needs --mode lora")
     if cfg.lora.lora_target_modules is not None and not cfg.lora.lora_target_modules:
         raise ConfigError("--lora-target-modules is empty: name at least one module")
     tr = cfg.train

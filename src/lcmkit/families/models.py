@@ -34,6 +34,9 @@ class LoraConfig:
     embedding; flow transformers: attention and feed-forward of every block)."""
     lora_dropout: float = 0.0
     """Dropout on the adapters' input."""
+    init_lora: str | None = None
+    """Start from this LoRA (a file, a folder or a hub id; diffusers or kohya keys) instead of zero, e.g. a published
+    LCM-LoRA to adapt to a fine-tune: its rank, alpha and targets replace --lora-rank/-alpha/-target-modules."""
 
 
 @dataclass
@@ -152,15 +155,53 @@ def build_lcd_models(
         return LCDModels(family, "full", student, target, net, lcd.ema_decay, teacher_dtype, autocast)
     net = net.to(device=device, dtype=frozen_dtype, memory_format=memory_format)
     plain = base_view(net)
-    try:
-        net.add_adapter(lora_config(lora, family))
-    except ValueError as e:
-        raise ConfigError(f"--lora-target-modules {lora.lora_target_modules}: {_first_line(e)}") from None
+    if lora.init_lora:
+        load_init_lora(net, family, lora)
+    else:
+        try:
+            net.add_adapter(lora_config(lora, family))
+        except ValueError as e:
+            raise ConfigError(f"--lora-target-modules {lora.lora_target_modules}: {_first_line(e)}") from None
     for p in net.parameters():  # adapters train in fp32 even when the base is half precision
         if p.requires_grad:
             p.data = p.data.float()
     net.train()
     return LCDModels(family, "lora", net, None, plain, lcd.ema_decay, frozen_dtype)
+
+
+def load_init_lora(net: nn.Module, family: Family, lora: LoraConfig) -> None:
+    """--init-lora: the adapter a LoRA file describes, loaded through diffusers (which reads diffusers, peft and
+    kohya keys) as the trainable adapter; `lora` is updated to its rank, alpha and targets (what the output records).
+    A LoRA that does not fit this denoiser gets one line."""
+    from lcmkit.safe_load import lora_file
+
+    spec = str(lora.init_lora)
+    source = str(lora_file(spec)) if Path(spec).expanduser().exists() else spec
+    try:
+        state, alphas, metadata = family.pipeline_class().lora_state_dict(source, return_lora_metadata=True)
+    except Exception as e:
+        raise ConfigError(f"--init-lora {spec}: could not read it ({_first_line(e)})") from None
+    prefix = f"{family.denoiser}."
+    state = {k: v for k, v in state.items() if k.startswith(prefix)}
+    downs = ("lora_A.weight", ".lora.down.weight", "_lora.down.weight", ".lora_down.weight")  # peft, old, kohya-read
+    modules = [k for k in state if k.endswith(downs)]
+    if not modules:
+        raise ConfigError(f"--init-lora {spec} holds no {family.denoiser} LoRA weights")
+    try:
+        net.load_lora_adapter(state, prefix=family.denoiser, network_alphas=alphas, metadata=metadata,
+                              adapter_name="default")  # fmt: skip
+    except Exception as e:
+        raise ConfigError(f"--init-lora {spec} does not fit this {family.label} {family.denoiser}: "
+                          f"{_first_line(e)}") from None  # fmt: skip
+    loaded = {n.split(".lora_A")[0] for n, _ in net.named_parameters() if ".lora_A" in n}
+    if len(loaded) < len(modules):
+        raise ConfigError(f"--init-lora {spec}: only {len(loaded)} of its {len(modules)} modules are in this "
+                          f"{family.label} {family.denoiser}: it was made for another model")  # fmt: skip
+    for name, p in net.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    config = net.peft_config["default"]
+    lora.lora_rank, lora.lora_alpha = int(config.r), float(config.lora_alpha)
+    lora.lora_target_modules = sorted(config.target_modules)
 
 
 def store_teacher(unet: nn.Module, storage: torch.dtype, run_dtype: torch.dtype) -> torch.dtype:
