@@ -201,3 +201,27 @@ def test_init_lora_for_another_model_is_refused(tiny_sd, tiny_sdxl, shards, tmp_
     assert run_cli(*distill_args(tiny_sd, shards, tmp_path / "x", "lora", "--init-lora", str(xl))) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lcmkit: error: --init-lora") and len(err.splitlines()) == 1, err
+
+
+def test_quality_is_watched_and_the_best_weights_kept(tiny_sd, shards, tmp_path, capsys):
+    """--watch-quality: at each validation the student is scored against the teacher's 50-step images of the same
+    prompts and seeds; logs/quality.jsonl holds every score, best/ the weights of the best mean PSNR, and the card
+    and run record say which step that was."""
+    import json
+
+    out = tmp_path / "run"
+    args = ["--max-steps", "6", "--validation-every", "2", "--validation-prompts", "a red square", "a blue square",
+            "--watch-quality", "--learning-rate", "1e-2"]  # fmt: skip
+    assert run_cli(*distill_args(tiny_sd, shards, out, "lora", *args)) == 0
+    rows = [json.loads(line) for line in (out / "logs" / "quality.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert all(np.isfinite(r[f"quality/psnr_{n}"]) and 0 <= r[f"quality/ms_ssim_distance_{n}"] <= 1
+               for r in rows for n in (1, 2, 4))  # fmt: skip
+    best = max(rows, key=lambda r: r["quality/psnr_mean"])
+    record = json.loads((out / "lcmkit_run.json").read_text())
+    assert record["best"]["step"] == best["step"] == json.loads((out / "best" / "best.json").read_text())["step"]
+    assert (out / "best" / "pytorch_lora_weights.safetensors").is_file()
+    assert f"the best was step {best['step']}" in (out / "README.md").read_text()
+    capsys.readouterr()
+    assert run_cli(*distill_args(tiny_sd, shards, tmp_path / "x", "lora", "--watch-quality")) == 2
+    assert "--validation-every" in capsys.readouterr().err

@@ -73,6 +73,9 @@ class TrainConfig(LoopSettings):
     """Prompts of the validation grid."""
     validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
     """Sampling steps shown in the validation grid."""
+    watch_quality: bool = False
+    """At each validation, score the student at --validation-steps against the teacher's 50-step images of the same
+    prompts and seeds (PSNR, 1 - MS-SSIM), log it, and keep the best-scoring weights in best/ beside the last."""
     report_to: str = "none"
     """none, tensorboard or wandb."""
     push_to_hub: bool = False
@@ -330,6 +333,9 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ConfigError(f"--max-nonfinite-steps {tr.max_nonfinite_steps}: must be >= 1")
     if tr.checkpoint_every < 0 or tr.validation_every < 0:
         raise ConfigError("--checkpoint-every and --validation-every must be >= 0 (0 turns them off)")
+    if tr.watch_quality and not tr.validation_every:
+        raise ConfigError("--watch-quality scores the student at each validation: set --validation-every N "
+                          "(and --validation-prompts)")  # fmt: skip
     if tr.validation_every and not tr.validation_prompts:
         raise ConfigError("--validation-every is set but no --validation-prompts were given")
     if any(s < 1 for s in tr.validation_steps):

@@ -151,6 +151,7 @@ def _run(
             "final_loss": result.final_loss, "nonfinite_steps": result.nonfinite_steps, "device": str(device),
             "num_processes": accelerator.num_processes,
             "data": {"source": source.description, "skipped": skipped, "released": released},
+            "best": validator.best if validator is not None else None,
         }  # fmt: skip
         write_run_record(out, record, t_start)
         publish(out, tr)

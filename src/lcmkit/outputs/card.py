@@ -196,6 +196,15 @@ def model_card(out: Path, repo_id: str | None = None) -> Any:
             "(AUTOMATIC1111), sample with the LCM sampler, 4 steps.",
             "",
         ]
+    best = r.get("best")
+    if best:
+        lines += [
+            f"**Which weights.** The files above are the last step's ({r['steps']}). Quality was watched while "
+            f"training ({best['metric']}): the best was step {best['step']}, {best['psnr_mean']:.2f} dB, and its "
+            "weights are in `best/`" + (" (the same step)." if best["step"] == r["steps"] else ": use them if the "
+            "last step scores lower (`logs/quality.jsonl` has every score)."),
+            "",
+        ]  # fmt: skip
     if grid:
         lines += ["## Samples", "", f"![validation grid: rows are prompts, columns step counts]({grid})", ""]
     lines += [

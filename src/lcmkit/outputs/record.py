@@ -15,7 +15,7 @@ from lcmkit.train.checkpoint import CHECKPOINT_DIR
 
 RUN_RECORD = "lcmkit_run.json"
 OUTPUTS = (RUN_RECORD, "README.md", "pytorch_lora_weights.safetensors", "unet", "unet_online", "transformer",
-           "transformer_online", "pipeline", "validation",
+           "transformer_online", "pipeline", "best", "validation",
            "logs", CHECKPOINT_DIR)  # fmt: skip
 """Everything lcmkit writes into --out (what --overwrite removes, and nothing else)."""
 
