@@ -225,3 +225,33 @@ def test_quality_is_watched_and_the_best_weights_kept(tiny_sd, shards, tmp_path,
     capsys.readouterr()
     assert run_cli(*distill_args(tiny_sd, shards, tmp_path / "x", "lora", "--watch-quality")) == 2
     assert "--validation-every" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_adversarial_term_trains_a_discriminator_and_resumes_exactly(tiny_sd, tiny_sdxl, shards, tmp_path, family,
+                                                                     mode):  # fmt: skip
+    """--adversarial-weight: a discriminator on the teacher's own features is trained as a second update (its loss
+    logged), lambda ramps over the warm-up, and a run stopped after its step-3 checkpoint and resumed retraces the
+    uninterrupted one: discriminator, its optimizer and the warm-up counter are in the checkpoint."""
+    import json
+
+    teacher = tiny_sd if family == "sd" else tiny_sdxl
+    common = ["--adversarial-weight", "0.5", "--adversarial-warmup", "4", "--checkpoint-every", "3", "--method",
+              "lcd" if mode == "lora" else "tcd"]  # fmt: skip
+    whole, stopped = tmp_path / "a", tmp_path / "b"
+    assert run_cli(*distill_args(teacher, shards, whole, mode, *common, "--max-steps", "6")) == 0
+    rows = [json.loads(line) for line in (whole / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["adversarial_weight"] for r in rows] == [0.0, 0.125, 0.25, 0.375, 0.5, 0.5]
+    assert all(np.isfinite(r["loss_discriminator"]) for r in rows)
+    assert run_cli(*distill_args(teacher, shards, stopped, mode, *common, "--max-steps", "4")) == 0
+    (stopped / "lcmkit_run.json").unlink()
+    assert run_cli(*distill_args(teacher, shards, stopped, mode, *common, "--max-steps", "6", "--resume",
+                                 "latest")) == 0  # fmt: skip
+    assert losses(stopped) == losses(whole)
+
+
+def test_adversarial_term_is_refused_for_flow_teachers_in_one_line(tiny_flux, shards, tmp_path, capsys):
+    assert run_cli(*distill_args(tiny_flux, shards, tmp_path / "o", "lora", "--adversarial-weight", "0.1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not available for FLUX.1" in err and len(err.splitlines()) == 1

@@ -24,6 +24,7 @@ from lcmkit.families.models import LoraConfig, StudentSettings
 from lcmkit.families.teacher import ModelConfig
 from lcmkit.fields import field_docs
 from lcmkit.methods import METHODS
+from lcmkit.methods.adversarial import AdversarialSettings
 from lcmkit.methods.lcd import LCDSettings
 from lcmkit.methods.tcd import PCMSettings
 from lcmkit.train.loop import LoopSettings
@@ -97,6 +98,7 @@ class DistillConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lcd: LCDConfig = field(default_factory=LCDConfig)
     pcm: PCMSettings = field(default_factory=PCMSettings)
+    adversarial: AdversarialSettings = field(default_factory=AdversarialSettings)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -106,7 +108,7 @@ class DistillConfig:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("model", "lcd", "pcm", "lora", "optim", "data", "train")
+SECTIONS = ("model", "lcd", "pcm", "adversarial", "lora", "optim", "data", "train")
 
 
 def _sections() -> dict[str, type]:
@@ -272,6 +274,11 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ConfigError(f"--mode {cfg.mode!r}: choose full or lora")
     if cfg.method not in METHODS:
         raise ConfigError(f"--method {cfg.method!r}: choose one of {', '.join(sorted(METHODS))}")
+    adv = cfg.adversarial
+    if adv.adversarial_weight < 0 or adv.adversarial_warmup < 0 or adv.discriminator_lr <= 0:
+        raise ConfigError("--adversarial-weight and --adversarial-warmup must be >= 0 and --discriminator-lr > 0")
+    if adv.adversarial_loss not in ("hinge", "nonsaturating"):
+        raise ConfigError(f"--adversarial-loss {adv.adversarial_loss!r}: choose hinge or nonsaturating")
     if not 1 <= cfg.pcm.num_phases <= cfg.lcd.num_ddim_timesteps:
         raise ConfigError(f"--num-phases {cfg.pcm.num_phases}: must be between 1 and --num-ddim-timesteps "
                           f"({cfg.lcd.num_ddim_timesteps})")  # fmt: skip

@@ -117,15 +117,22 @@ def _run(
     encode = BatchEncoder(teacher, conditioner, cfg.lcd.uncond, d.resolution, generator, device)
     method, skips = METHODS[cfg.method](cfg.lcd, getattr(cfg, cfg.method, None)), SkipTally()  # [lcd] + its own
 
+    updates, state = [], {**models.checkpoint_state(), "lcd_generator": GeneratorState(generator)}
+    if cfg.adversarial.adversarial_weight > 0:  # the discriminator: a second update of the trainer, in the checkpoint
+        method, discriminator_update = adversarial(cfg, method, models, teacher, conditioner, nets, accelerator)
+        updates.append(discriminator_update)
+        state["discriminator"] = method.discriminator
+
     def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         skips.update(batch)
         return method.loss(nets, Batch(*encode(batch)), generator)
 
-    # The trainer: one update (the student's), the EMA after each step (full), validation grids, checkpoints.
+    # The trainer: the student's update (and the discriminator's), the EMA after each step (full), validation grids,
+    # checkpoints.
     validator = Validator(cfg, teacher, models, out, accelerator) if tr.validation_prompts else None
-    update = Update("student", student, optimizer, lr_scheduler, loss_fn, cfg.optim.max_grad_norm)
-    trainer = Trainer(accelerator, tr, out, [update], make_dataloader(stream, tr.batch_size, d.num_workers),
-                      state={**models.checkpoint_state(), "lcd_generator": GeneratorState(generator)},
+    updates.insert(0, Update("student", student, optimizer, lr_scheduler, loss_fn, cfg.optim.max_grad_norm))
+    trainer = Trainer(accelerator, tr, out, updates, make_dataloader(stream, tr.batch_size, d.num_workers),
+                      state=state,
                       on_step_end=ema_update(models, accelerator) if cfg.mode == "full" else None, callback=validator,
                       callback_every=tr.validation_every if validator else 0, description=f"distill {cfg.mode}",
                       meta={"mode": cfg.mode, "teacher": cfg.model.teacher})  # fmt: skip
@@ -158,6 +165,39 @@ def _run(
 
     on_main(accelerator, finish)
     return DistillResult(out, cfg.mode, teacher.family.name, result, peak_rss_mb(), accelerator.is_main_process)
+
+
+def adversarial(
+    cfg: DistillConfig, method: Any, models: Any, teacher: Teacher, conditioner: Any, nets: Nets, accelerator: Any
+) -> tuple[Any, Update]:
+    """The method with the adversarial term, and the discriminator's update (heads sized by one teacher call)."""
+    from lcmkit.families.models import teacher_features
+    from lcmkit.methods.adversarial import Adversarial, Discriminator
+
+    family, size = teacher.family, cfg.data.resolution
+    if family.feature_modules is None:
+        raise ConfigError(f"--adversarial-weight: the adversarial term is not available for {family.label} teachers "
+                          "yet (SD and SDXL only)")  # fmt: skip
+    features = teacher_features(models)
+    device = accelerator.device
+    latent = size // teacher.vae_downsampling
+    z = torch.zeros(1, int(teacher.vae.config.latent_channels), latent, latent, device=device)
+    sizes = torch.tensor([[size, size]])
+    cond = conditioner.encode([""], sizes, torch.zeros_like(sizes), (size, size)).to(device)
+    t = nets.trajectory.grid(cfg.lcd.num_ddim_timesteps, device)[-1:]
+    with torch.no_grad():
+        channels = [f.shape[1] for f in features(z, t, cond)]
+    discriminator = Discriminator(channels).to(device)
+    method = Adversarial(method, cfg.adversarial, discriminator, features)
+    d_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=cfg.adversarial.discriminator_lr)
+    d_scheduler = torch.optim.lr_scheduler.LambdaLR(d_optimizer, lambda _: 1.0)
+    method.d_forward, d_optimizer = accelerator.prepare(discriminator, d_optimizer)
+
+    def d_loss(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return method.discriminator_loss(nets)
+
+    return method, Update("discriminator", method.d_forward, d_optimizer, d_scheduler, d_loss,
+                          cfg.optim.max_grad_norm)  # fmt: skip
 
 
 def ema_update(models: Any, accelerator: Any) -> Any:

@@ -66,6 +66,8 @@ class Family:
     """The teacher's guidance_scale when none is given: its pipeline's usual one (Stable Diffusion: 7.5)."""
     pipeline_latents: Callable[[Tensor], Tensor] | None = None
     """(B, C, H, W) latents -> what its pipeline's `latents` argument takes (FLUX: packed tokens), if not those."""
+    feature_modules: Callable[[nn.Module], list[str]] | None = None
+    """The denoiser's modules whose outputs an adversarial discriminator reads (None: not supported yet)."""
     text_encoder_labels: Mapping[str, str] = field(default_factory=dict)
     """What each text encoder is, for messages: text_encoder_2 -> T5."""
     time_ids: bool = False

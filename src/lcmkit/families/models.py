@@ -119,6 +119,30 @@ class LCDModels:
         return state
 
 
+def teacher_features(models: LCDModels) -> Any:
+    """(z_t, t, cond) -> the frozen teacher's feature maps at its family's feature modules (forward hooks around one
+    teacher call). Gradients flow to z_t (the adversarial generator term), never into the teacher's weights."""
+    net, family = models.teacher_net, models.family
+    modules = dict(net.named_modules())
+    names = family.feature_modules(net) if family.feature_modules else []
+
+    def run(z_t: Tensor, t: Tensor, cond: Conditioning) -> list[Tensor]:
+        outputs: list[Tensor] = []
+
+        def keep(module: nn.Module, args: Any, out: Any) -> None:
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+
+        hooks = [modules[name].register_forward_hook(keep) for name in names]
+        try:
+            family.call(net, z_t, t, cond, None, models.teacher_dtype)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return outputs
+
+    return run
+
+
 def lora_config(cfg: LoraConfig, family: Family) -> Any:
     from peft import LoraConfig as PeftLoraConfig
 

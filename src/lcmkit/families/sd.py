@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lcmkit.families.base import Family
-from lcmkit.families.unet import UNET_LORA_TARGETS, denoise, make_full_student
+from lcmkit.families.unet import UNET_LORA_TARGETS, denoise, feature_modules, make_full_student
 
 
 def encode_text(token_ids: list[Tensor], encoders: list[nn.Module]) -> tuple[Tensor, None]:
@@ -24,6 +24,7 @@ SD = Family(
     encode_text=encode_text,
     call=denoise,
     full_student=make_full_student,
+    feature_modules=feature_modules,
     lora_targets=UNET_LORA_TARGETS,
     guidance_range=(3.0, 15.0),
     pipeline_kwargs={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},

@@ -43,6 +43,11 @@ def denoise(
     return unet_call(unet, z_t, t, cond, timestep_cond, dtype)
 
 
+def feature_modules(unet: nn.Module) -> list[str]:
+    """Every down block's and the mid block's output: the teacher features of an adversarial discriminator."""
+    return [f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + ["mid_block"]
+
+
 def make_full_student(teacher_unet: nn.Module, guidance_embed_dim: int) -> nn.Module:
     """A copy of the teacher UNet with time_cond_proj_dim set: w enters through timestep_cond."""
     from diffusers import UNet2DConditionModel

@@ -44,6 +44,7 @@ class LCD:
 
     def __init__(self, settings: LCDSettings, extra: object = None):
         self.settings = settings
+        self.last_origin: Tensor | None = None
 
     def f(self, nets: Nets, model_output: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
         """The consistency function f(z_t, t) of a raw network output (LCM paper eq. 9)."""
@@ -69,6 +70,7 @@ class LCD:
         # Student: f_theta(z_{n+k}, t_{n+k}, c, w), with gradients.
         with record_function("lcd/student_forward"):
             f_student = self.f(nets, nets.student(z_n_plus_k, t_n_plus_k, batch.cond, w), z_n_plus_k, t_n_plus_k)
+        self.last_origin = f_student  # the student's one-step sample (with gradients): what an adversarial term judges
 
         with torch.no_grad():
             # Teacher: one batched forward over [cond; uncond], then one guided solver step from t_{n+k} to t_n.

@@ -51,6 +51,7 @@ class TCD(LCD):
         with record_function("lcd/student_forward"):
             out = nets.student(z_n_plus_k, t_n_plus_k, batch.cond, w)
             f_student = ode.solver_step(out.float(), None, z_n_plus_k, t_n_plus_k, t_s, w)
+        self.last_origin = ode.solver_step(out.float(), None, z_n_plus_k, t_n_plus_k, grid[:1].expand(n), w)
 
         with torch.no_grad():
             with record_function("lcd/teacher"):
