@@ -217,8 +217,9 @@ def generation(a: argparse.Namespace, teacher: str, lora: Path | None, ctx: dict
     ctx["results"].add({"run": "gen", "rc": rc, "wall_s": round(wall, 1), "gpu_mib": gpu, "rows": rows})
 
 
-def table(rows: list[dict[str, Any]], flops_per_sample: float | None, batch: int, gpu: str | None) -> str:
+def table(rows: list[dict[str, Any]], forward: float | None, batch: int, gpu: str | None) -> str:
     """One line per distillation run: s/step, its fraction of the reference's, model TFLOP/s and MFU, GPU memory."""
+    from lcmkit.measure.bench import step_passes
     from lcmkit.measure.system import markdown, peak_bf16_tflops
 
     by = {r["run"]: r for r in rows}
@@ -228,7 +229,9 @@ def table(rows: list[dict[str, Any]], flops_per_sample: float | None, batch: int
         if "s_per_step" not in r:
             continue
         ref = by.get(REFERENCE_OF.get(r["run"], ""), {}).get("s_per_step")
-        tflops = flops_per_sample * batch / r["s_per_step"] / 1e12 if flops_per_sample else None
+        mode = r.get("mode") or ("full" if r["run"] == "ref_full" else "lora")
+        passes = step_passes(mode, False) if r["run"] != "ideal" else 6  # ideal: teacher 2, target 1, student 1 + 2
+        tflops = forward * passes * batch / r["s_per_step"] / 1e12 if forward else None
         lines.append([r["run"], f"{r['s_per_step']:.3f}", f"{r['samples_per_s']:.1f}",
                       f"{r['s_per_step'] / ref:.2f}x" if ref else "-", f"{tflops:.3g}" if tflops else "-",
                       f"{tflops / peak:.0%}" if tflops and peak else "-", str(r.get("gpu_mib") or "-")])  # fmt: skip
@@ -267,10 +270,10 @@ def main() -> None:
         teacher = str(build_sd15(work / "sd15"))
         ctx["results"].add({"run": "build_sd15", "s": round(time.time() - start, 1)})
     shards = write_shards(work / "shards", 8, max(16, a.steps * a.batch // 8 + 8), a.resolution)
-    from lcmkit.measure.bench import step_flops_per_sample
+    from lcmkit.measure.bench import denoiser_forward_flops
 
-    flops = step_flops_per_sample(teacher, None, a.resolution)
-    ctx["results"].add({"run": "flops", "step_tflop_per_sample": flops / 1e12})
+    forward, _ = denoiser_forward_flops(teacher, None, a.resolution)
+    ctx["results"].add({"run": "flops", "forward_tflop_per_sample": forward / 1e12})
     lora = None
     for run in only:
         if run == "lk_lora":
@@ -298,8 +301,8 @@ def main() -> None:
         import torch
 
         gpu = torch.cuda.get_device_name(0)
-    print("\n" + table(ctx["results"].rows, flops, a.batch, gpu), flush=True)
-    (out / "table.md").write_text(table(ctx["results"].rows, flops, a.batch, gpu) + "\n")
+    print("\n" + table(ctx["results"].rows, forward, a.batch, gpu), flush=True)
+    (out / "table.md").write_text(table(ctx["results"].rows, forward, a.batch, gpu) + "\n")
 
 
 if __name__ == "__main__":

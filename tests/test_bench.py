@@ -24,24 +24,25 @@ def test_bench_distill_reports_both_modes(tiny_sd, shards, tmp_path, capsys):
     assert record["distill"][1]["cache_build_s"] > 0
     for row in record["distill"]:
         assert row["median_s_per_step"] > 0 and row["samples_per_s"] > 0 and row["peak_rss_mb"] > 100
-        # model FLOP/s: 6 denoiser forwards per sample, counted by torch; no MFU without a GPU of known peak
+        # model FLOP/s: the step's denoiser passes per sample, counted by torch; no MFU without a GPU of known peak
         assert row["tflops_per_s"] == pytest.approx(row["step_tflop"] / row["median_s_per_step"]) and not row["mfu"]
     assert record["machine"]["cpus"] >= 1
 
 
-def test_step_flops_are_six_denoiser_forwards_and_mfu_knows_datacenter_gpus(tiny_sd):
+def test_step_flops_count_the_denoiser_passes_and_mfu_knows_datacenter_gpus(tiny_sd):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from lcmkit.families.teacher import ModelConfig, load_teacher
-    from lcmkit.measure.bench import step_flops_per_sample
+    from lcmkit.measure.bench import denoiser_forward_flops, step_passes
     from lcmkit.measure.system import peak_bf16_tflops
 
     teacher = load_teacher(ModelConfig(teacher=tiny_sd))
     text = torch.zeros(1, 77, teacher.denoiser.config.cross_attention_dim)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         teacher.denoiser(torch.zeros(1, 4, 8, 8), torch.tensor([500]), text)
-    assert step_flops_per_sample(tiny_sd, None, 64) == 6 * counter.get_total_flops() > 0
+    assert denoiser_forward_flops(tiny_sd, None, 64) == (counter.get_total_flops(), False)
+    assert (step_passes("full", False), step_passes("lora", False), step_passes("lora", True)) == (6, 5, 4)
     assert peak_bf16_tflops("NVIDIA H200") == 989.0 and peak_bf16_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert peak_bf16_tflops(None) is None and peak_bf16_tflops("AMD EPYC") is None
 

@@ -297,3 +297,16 @@ def test_serve_answers_with_a_flux_lora(tiny_flux, lora_runs):
     finally:
         srv.should_exit = True
         thread.join(timeout=10)
+
+
+def test_init_lora_from_a_flux_lora(tiny_flux, lora_runs, shards, tmp_path):
+    """SD3's and FLUX's LoRA loaders return (state, metadata), the UNet families' (state, alphas, metadata): a FLUX
+    LCM-LoRA starts a new run exactly as it is."""
+    from safetensors.torch import load_file
+
+    source = lora_runs["flux"] / "pytorch_lora_weights.safetensors"
+    out = tmp_path / "out"
+    assert run_cli(*distill_args(tiny_flux, shards, out, "lora", "--max-steps", "1", "--learning-rate", "1e-12",
+                                 "--init-lora", str(source))) == 0  # fmt: skip
+    a, b = load_file(source), load_file(out / "pytorch_lora_weights.safetensors")
+    assert sorted(a) == sorted(b) and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-9

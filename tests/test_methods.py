@@ -255,3 +255,21 @@ def test_adversarial_term_is_refused_for_flow_teachers_in_one_line(tiny_flux, sh
     assert run_cli(*distill_args(tiny_flux, shards, tmp_path / "o", "lora", "--adversarial-weight", "0.1")) == 2
     err = capsys.readouterr().err.strip()
     assert "not available for FLUX.1" in err and len(err.splitlines()) == 1
+
+
+def test_adversarial_lora_from_a_cache_and_phases_checked_for_pcm_only(tiny_sd, shards, tmp_path):
+    """A cached LoRA run frees the text encoders: the discriminator is sized before that. --num-phases is PCM's: a
+    short grid is fine for LCD."""
+    from lcmkit.distill.config import load_config, validate
+    from lcmkit.errors import ConfigError
+
+    cache = tmp_path / "cache"
+    assert run_cli("cache", "--teacher", tiny_sd, "--data", shards, "--resolution", "64", "--out", str(cache),
+                   "--no-progress") == 0  # fmt: skip
+    out = tmp_path / "run"
+    assert run_cli(*distill_args(tiny_sd, f"cache:{cache}", out, "lora", "--adversarial-weight", "0.1",
+                                 "--max-steps", "2")) == 0  # fmt: skip
+    required = {"teacher": "t", "data": "d", "out": "o", "num_ddim_timesteps": 2}
+    assert validate(load_config(None, required)).lcd.num_ddim_timesteps == 2
+    with pytest.raises(ConfigError, match="--num-phases 4"):
+        validate(load_config(None, {**required, "method": "pcm"}))

@@ -38,7 +38,8 @@ class GenerateOptions:
     """torch.compile the UNet and VAE decoder (LoRAs fused in): faster images after a one-time compile of minutes;
     worth it for many images."""
     guidance: float | None = option(None, help=f"default: {default_guidance_scale(False):g} with a LoRA, "
-                                    f"{default_guidance_scale(True):g} for a full LCM")  # fmt: skip
+                                    f"{default_guidance_scale(True):g} for a full LCM (FLUX: 3.5, its guidance "
+                                    "input; a full SD3 student: 1)")  # fmt: skip
     seed: int = default_of(SAMPLE, "seed")
     """Image i uses seed + i."""
     num_images: int = 1

@@ -24,7 +24,7 @@ def w_of(guidance_scale: float) -> float:
 
 
 def guided(cond: Tensor, uncond: Tensor, w: Tensor) -> Tensor:
-    """cond + w (cond - uncond): the LCM paper's w (eq. 7), i.e. classifier-free scale w + 1 (see runtime.py)."""
+    """cond + w (cond - uncond): the LCM paper's w (eq. 7), i.e. classifier-free scale w + 1 (guidance_scale)."""
     return cond + w * (cond - uncond)
 
 

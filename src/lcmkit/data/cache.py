@@ -2,7 +2,7 @@
 
 A naive LCD step re-encodes the same images and captions every time; from a cache a step only runs the
 UNets. The cache stores each sample's latent mean and std (so each step still draws a fresh latent, exactly
-as `latent_dist.sample()` does), the text conditioning (SDXL: pooled too), original size and crop. It is
+as `latent_dist.sample()` does), the text conditioning (SDXL, SD3, FLUX: pooled too), original size and crop. It is
 tied to the VAE and text encoder(s) it was made with (a fingerprint of their weights: fine-tunes that share
 them share caches) and to the resolution; distill refuses a cache that does not match its teacher.
 

@@ -112,7 +112,6 @@ def _run(
                           rank=accelerator.process_index, world_size=accelerator.num_processes,
                           caption_dropout=d.caption_dropout)  # fmt: skip
     conditioner = teacher.conditioner()
-    released = release_for_cache(source, teacher, conditioner, cfg) if cfg.mode == "lora" else []
     generator = torch.Generator(device).manual_seed(tr.seed * 1000 + accelerator.process_index)
     encode = BatchEncoder(teacher, conditioner, cfg.lcd.uncond, d.resolution, generator, device)
     method, skips = METHODS[cfg.method](cfg.lcd, getattr(cfg, cfg.method, None)), SkipTally()  # [lcd] + its own
@@ -122,6 +121,8 @@ def _run(
         method, discriminator_update = adversarial(cfg, method, models, teacher, conditioner, nets, accelerator)
         updates.append(discriminator_update)
         state["discriminator"] = method.discriminator
+    # after the discriminator is sized (one teacher call on the empty prompt): a cached LoRA run frees the encoders
+    released = release_for_cache(source, teacher, conditioner, cfg) if cfg.mode == "lora" else []
 
     def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         skips.update(batch)

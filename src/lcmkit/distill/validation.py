@@ -3,6 +3,7 @@ users see LCM quality fall as training goes on, so the best-scoring weights are 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ class Validator:
     def __init__(self, cfg: DistillConfig, teacher: Teacher, models: LCDModels, out: Path, accelerator: Any):
         self.cfg, self.teacher, self.models, self.out, self.accelerator = cfg, teacher, models, out, accelerator
         self.reference: list[Any] | None = None
-        self.best: dict[str, Any] | None = None
+        best = out / BEST / "best.json"  # a resumed run continues to compare with the best of its earlier part
+        self.best: dict[str, Any] | None = json.loads(best.read_text()) if cfg.train.resume and best.is_file() else None
 
     def __call__(self, step: int) -> Path:
         cfg = self.cfg
@@ -74,7 +76,6 @@ class Validator:
     def watch(self, step: int, columns: list[list[Any]]) -> dict[str, float]:
         """Score each step count against the teacher (mean PSNR, 1 - MS-SSIM), log it (tracker and
         logs/quality.jsonl), and save the weights to best/ when the mean PSNR over the step counts is the best yet."""
-        import json
 
         from lcmkit.measure.eval import agreement
 
@@ -99,8 +100,7 @@ class Validator:
         return scores
 
     def save_best(self) -> None:
-        """best/: the LoRA (or the full student's EMA target) of the best-scoring step, with best.json."""
-        import json
+        """best/: the LoRA (or the full online student) of the best-scoring step, with best.json."""
 
         from lcmkit.families.models import save_lora
 
@@ -112,6 +112,6 @@ class Validator:
             facts = SamplingFacts(lcd.num_ddim_timesteps, lcd.w_min, lcd.w_max)
             save_lora(self.accelerator.unwrap_model(models.student_net), self.teacher.family, folder, self.cfg.lora,
                       facts.metadata())  # fmt: skip
-        else:
-            models.target_net.save_pretrained(folder / self.teacher.family.denoiser)
+        else:  # the online student: the one the grid and the score were drawn from
+            self.accelerator.unwrap_model(models.student_net).save_pretrained(folder / self.teacher.family.denoiser)
         (folder / "best.json").write_text(json.dumps(self.best, indent=2) + "\n")

@@ -171,7 +171,7 @@ def build_lcd_models(
         student = family.full_student(net, lcd.guidance_embed_dim).to(torch.float32, memory_format=memory_format)
         student.requires_grad_(True).train()
         # The target stays fp32: an EMA increment, (1 - decay) x one step's change, is far below the rounding step
-        # of a half-precision weight, so a bf16/fp16 target would hardly ever move (tests/test_models.py).
+        # of a half-precision weight, so a bf16/fp16 target would hardly ever move (tests/test_perf.py).
         target = copy.deepcopy(student).requires_grad_(False)
         teacher_dtype = store_teacher(net.to(memory_format=memory_format), teacher_storage or frozen_dtype,
                                       frozen_dtype)  # fmt: skip
@@ -202,7 +202,9 @@ def load_init_lora(net: nn.Module, family: Family, lora: LoraConfig) -> None:
     spec = str(lora.init_lora)
     source = str(lora_file(spec)) if Path(spec).expanduser().exists() else spec
     try:
-        state, alphas, metadata = family.pipeline_class().lora_state_dict(source, return_lora_metadata=True)
+        read = family.pipeline_class().lora_state_dict(source, return_lora_metadata=True)
+        # (state, network alphas, metadata) from the UNet families' loader, (state, metadata) from SD3's and FLUX's
+        state, alphas, metadata = read if len(read) == 3 else (read[0], None, read[-1])
     except Exception as e:
         raise ConfigError(f"--init-lora {spec}: could not read it ({_first_line(e)})") from None
     prefix = f"{family.denoiser}."

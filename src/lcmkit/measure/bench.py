@@ -60,19 +60,26 @@ def bench_distill(
         extra = [*(extra or []), *(["--profile-steps", str(steps - 1)] if profile else [])]
         rows = _bench_distill_runs(teacher, data, modes, steps, batch_size, resolution, lora_rank, extra,
                                    teacher_config, cache, compile)  # fmt: skip
-        flops = step_flops_per_sample(teacher, teacher_config, resolution)
+        forward, guidance_distilled = denoiser_forward_flops(teacher, teacher_config, resolution)
     for row in rows:  # model FLOP/s and, on a GPU whose peak is known, MFU
-        row["step_tflop"] = flops * row["batch_size"] / 1e12
+        passes = step_passes(row["mode"], guidance_distilled)
+        row["step_tflop"] = forward * passes * row["batch_size"] / 1e12
         row["tflops_per_s"] = row["step_tflop"] / row["median_s_per_step"]
         peak = peak_bf16_tflops(row.get("gpu"))
         row["mfu"] = row["tflops_per_s"] / peak if peak else None
     return rows
 
 
-def step_flops_per_sample(teacher: str, teacher_config: str | None, resolution: int) -> float:
-    """Model FLOPs of one distillation step per sample: six forward passes of the denoiser (the teacher's cond and
-    uncond, the target's, the student's forward, and its backward counted as two), one forward counted by torch's
-    FlopCounterMode at batch 1 and this resolution."""
+def step_passes(mode: str, guidance_distilled: bool) -> int:
+    """Denoiser forward-pass equivalents of one distillation step per sample: the teacher's cond and uncond (one
+    for a guidance-distilled teacher), the target, the student's forward, and its backward (two for a full student:
+    activation and weight gradients; one for a LoRA: the frozen base weights get no gradient)."""
+    return (1 if guidance_distilled else 2) + 1 + 1 + (2 if mode == "full" else 1)
+
+
+def denoiser_forward_flops(teacher: str, teacher_config: str | None, resolution: int) -> tuple[float, bool]:
+    """(FLOPs of one denoiser forward per sample, counted by torch's FlopCounterMode at batch 1 and this resolution;
+    whether the teacher is guidance-distilled)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -86,7 +93,7 @@ def step_flops_per_sample(teacher: str, teacher_config: str | None, resolution: 
     time_, _ = t.trajectory(resolution).sample_pairs(1, 50, None, "cpu")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         t.family.call(t.denoiser, z, time_, cond, torch.full((1,), 3.0), None)
-    return 6.0 * counter.get_total_flops()
+    return float(counter.get_total_flops()), t.family.guidance_distilled
 
 
 def _bench_distill_runs(

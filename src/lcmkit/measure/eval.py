@@ -553,7 +553,7 @@ def build_columns(settings: EvalSettings) -> list[Column]:
     teacher_steps = sorted({*settings.steps, *settings.reference_steps} if chosen is None else {*chosen})
     reference = reference_sampler(teacher.scheduler.config)
     for sampler in settings.teacher_samplers:
-        sampler = reference if sampler in ("ddim", "euler") else sampler  # a flow teacher's deterministic one: Euler
+        sampler = reference if sampler == "ddim" else sampler  # a flow teacher's deterministic sampler: its Euler
         group = TEACHER_SAMPLERS[sampler]
         pipe = teacher_pipeline(teacher, teacher.denoiser, teacher_scheduler(teacher.scheduler.config, sampler))
         pipe.to(device, dtype)

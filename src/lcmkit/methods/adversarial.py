@@ -73,7 +73,7 @@ class Adversarial:
         self.base, self.settings, self.discriminator, self.features = base, settings, discriminator, features
         self.d_forward: nn.Module = discriminator
         """What the discriminator's own update calls: the accelerate-prepared module (DDP syncs its gradients)."""
-        self.pending: deque[tuple[Tensor, Tensor, Tensor, Tensor, Any]] = deque()
+        self.pending: deque[tuple[Tensor, Tensor, Tensor, Any]] = deque()
 
     def weight(self) -> float:
         s = self.settings

@@ -30,7 +30,8 @@ class Nets:
     student: Denoiser
     """With gradients: the model being trained."""
     teacher: Denoiser
-    """Frozen. Takes w only when guidance-distilled (FLUX.1-dev); otherwise guided by an unconditional pass."""
+    """Frozen. Its w is used only by a guidance-distilled teacher (FLUX.1-dev); others are guided by an
+    unconditional pass (see teacher_outputs)."""
     target: Denoiser
     """No gradients: the EMA of the student (full) or the student itself (LoRA)."""
     trajectory: Trajectory

@@ -20,7 +20,8 @@ from lcmkit.methods.base import Batch, Nets
 
 @dataclass
 class LCDSettings:
-    """LCD's hyperparameters (DESIGN.md section 1); the defaults are the reference scripts'."""
+    """LCD's hyperparameters (DESIGN.md section 1), shared by every consistency method (the [lcd] section); the
+    defaults are the reference scripts', the w range the family's."""
 
     w_min: float | None = None
     """Lowest guidance scale w sampled per sample (the student learns the whole range); default: the family's
@@ -28,7 +29,7 @@ class LCDSettings:
     w_max: float | None = None
     """Highest guidance scale w sampled per sample; default: the family's (SD/SDXL 15; SD3 6; FLUX.1-dev 4)."""
     num_ddim_timesteps: int = 50
-    """N, the teacher's DDIM skipping schedule: the ODE solver steps k = 1000 / N apart."""
+    """N, the teacher's solver grid: DDIM timesteps k = 1000 / N apart, or N steps of a flow teacher's sigmas."""
     loss: str = "huber"
     """Consistency distance: huber (pseudo-Huber, the LCM-LoRA paper) or l2."""
     huber_c: float = 0.001

@@ -165,7 +165,7 @@ def model_card(out: Path, repo_id: str | None = None) -> Any:
         usage_snippet(r, repo_id or str(out)),
         "```",
         "",
-        guidance_text(family, lora, cfg["lcd"]) + method_text(cfg),
+        guidance_text(family, lora, cfg["lcd"]) + method_text(cfg, family),
         "",
     ]  # fmt: skip
     if family.flow and lora:
@@ -265,9 +265,13 @@ def guidance_text(family: Family, lora: bool, lcd: dict[str, Any]) -> str:
             "so each step costs one UNet call).")
 
 
-def method_text(cfg: dict[str, Any]) -> str:
+def method_text(cfg: dict[str, Any], family: Family) -> str:
     """What sampling a TCD or PCM student needs beyond the family's advice."""
     method = cfg.get("method", "lcd")
+    if family.flow and method in ("tcd", "pcm"):
+        return (f" Distilled with {method.upper()}: diffusers has no flow-matching TCD scheduler, so the snippet's "
+                "FlowMatchLCMScheduler is an approximation; deterministic Euler steps between the trained end points "
+                "(FlowMatchEulerDiscreteScheduler with those sigmas) match training (docs/methods.md).")
     if method == "pcm":
         k = cfg["pcm"]["num_phases"]
         return (f" Distilled with phased consistency (PCM, {k} phases): sample in exactly {k} step{'s' * (k > 1)} with "
