@@ -310,3 +310,12 @@ def test_init_lora_from_a_flux_lora(tiny_flux, lora_runs, shards, tmp_path):
                                  "--init-lora", str(source))) == 0  # fmt: skip
     a, b = load_file(source), load_file(out / "pytorch_lora_weights.safetensors")
     assert sorted(a) == sorted(b) and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-9
+
+
+def test_info_names_the_transformer_lora_targets():
+    from lcmkit.formats.info import target_name
+
+    assert target_name("transformer_blocks.0.ff_context.net.0.proj") == "ff_context.net.0.proj"
+    assert target_name("transformer_blocks.0.ff_context.net.2") == "ff_context.net.2"
+    assert target_name("single_transformer_blocks.0.proj_mlp") == "proj_mlp"
+    assert target_name("down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj") == "ff.net.0.proj"

@@ -8,6 +8,7 @@ from typing import Any
 
 from lcmkit.errors import ConfigError, first_line
 from lcmkit.families import family_of_components, family_of_cross_attention, family_of_keys, family_of_unet_config
+from lcmkit.families.flux import FLUX
 from lcmkit.families.unet import UNET_LORA_TARGETS
 from lcmkit.safe_load import PICKLE_SUFFIXES
 
@@ -55,7 +56,7 @@ def target_name(module: str, kohya: bool = False) -> str:
     """The LoRA target a module name ends in ('...attn1.to_out.0' -> 'to_out.0', '...resnets.0.conv1' -> 'conv1'):
     the longest known target, else the module's own name (with its index when it ends in one)."""
     sep = "_" if kohya else "."
-    forms = {t: t.replace(".", sep) for t in UNET_LORA_TARGETS}
+    forms = {t: t.replace(".", sep) for t in (*UNET_LORA_TARGETS, *FLUX.lora_targets)}
     known = [t for t, form in forms.items() if module == form or module.endswith(sep + form)]
     if known:
         return max(known, key=len)
