@@ -273,3 +273,24 @@ def test_adversarial_lora_from_a_cache_and_phases_checked_for_pcm_only(tiny_sd, 
     assert validate(load_config(None, required)).lcd.num_ddim_timesteps == 2
     with pytest.raises(ConfigError, match="--num-phases 4"):
         validate(load_config(None, {**required, "method": "pcm"}))
+
+
+@pytest.mark.parametrize("method,scheduler,eta", [("lcd", "LCMScheduler", None), ("tcd", "TCDScheduler", 0.3),
+                                                  ("pcm", "TCDScheduler", 0.0)])  # fmt: skip
+def test_validation_draws_a_student_on_its_methods_sampler(tiny_sd, shards, tmp_path, monkeypatch, method, scheduler,
+                                                           eta):  # fmt: skip
+    """Validation grids (and --watch-quality's scores) of a TCD or PCM student come from TCDScheduler at the
+    method's eta, as its users will sample it; an LCD student's from LCMScheduler."""
+    import lcmkit.distill.validation as validation
+
+    seen = []
+    real = validation.run_batched
+
+    def spy(pipe, *args, **kwargs):
+        seen.append((type(pipe.scheduler).__name__, kwargs.get("eta")))
+        return real(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(validation, "run_batched", spy)
+    args = ["--method", method, "--max-steps", "2", "--validation-every", "2", "--validation-prompts", "a red square"]
+    assert run_cli(*distill_args(tiny_sd, shards, tmp_path / "run", "lora", *args)) == 0
+    assert seen and set(seen) == {(scheduler, eta)}

@@ -11,7 +11,7 @@ from lcmkit.distill.config import DistillConfig
 from lcmkit.families.models import LCDModels
 from lcmkit.families.teacher import Teacher
 from lcmkit.infer.images import image_grid
-from lcmkit.infer.pipelines import generate, lcm_pipeline
+from lcmkit.infer.pipelines import generate, lcm_pipeline, run_batched
 from lcmkit.infer.sampling import SamplingFacts, default_guidance_scale
 
 BEST = "best"
@@ -33,12 +33,14 @@ class Validator:
         unet = self.models.student_net
         guidance = default_guidance_scale(self.models.mode == "full", self.teacher.family)
         pipe = lcm_pipeline(self.teacher, unet, cfg.lcd.num_ddim_timesteps)
+        extra = self.method_sampler(pipe)
         unet.eval()
         try:
             columns = [
-                generate(pipe, cfg.train.validation_prompts, n, guidance, cfg.train.seed, cfg.data.resolution)
+                run_batched(pipe, cfg.train.validation_prompts, cfg.train.seed, 16, num_inference_steps=n,
+                            guidance_scale=guidance, height=cfg.data.resolution, width=cfg.data.resolution, **extra)
                 for n in cfg.train.validation_steps
-            ]
+            ]  # fmt: skip
         finally:
             unet.train()
         if cfg.train.watch_quality:
@@ -57,6 +59,19 @@ class Validator:
 
                 tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
         return path
+
+    def method_sampler(self, pipe: Any) -> dict[str, Any]:
+        """A UNet student of TCD or PCM is drawn (and scored) on its own sampler: TCDScheduler at the method's eta
+        (flow students stay on FlowMatchLCMScheduler: diffusers has no flow TCD scheduler)."""
+        from diffusers import TCDScheduler
+
+        from lcmkit.methods import METHODS
+
+        method = METHODS[self.cfg.method]
+        if self.teacher.family.flow or method.scheduler != "TCDScheduler":
+            return {}
+        pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+        return {"eta": method.eta}
 
     def reference_images(self) -> list[Any]:
         """The teacher's images of the validation prompts and seeds: its deterministic sampler (DDIM, a flow

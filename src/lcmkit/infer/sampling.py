@@ -10,6 +10,7 @@ from pathlib import Path
 from lcmkit.core.solver import guidance_scale, w_of
 from lcmkit.families.base import Family
 from lcmkit.methods.lcd import LCDSettings
+from lcmkit.methods.tcd import TCD
 
 FULL_LCM_GUIDANCE_SCALE = 8.5
 """A full LCM's guidance_scale when none is given: diffusers' LatentConsistencyModelPipeline default (w = 7.5)."""
@@ -17,8 +18,8 @@ LORA_GUIDANCE_SCALE = 1.0
 """An LCM-LoRA's guidance_scale: 1 runs no classifier-free guidance pass (the LoRA learned the guided ODE)."""
 GUIDANCE_INPUT_SCALE = 3.5
 """A guidance-distilled model's guidance input (FLUX.1-dev and its students) when none is given: FluxPipeline's."""
-DEFAULT_TCD_GAMMA = 0.3
-"""TCDScheduler's gamma (passed as eta) when none is given: the TCD paper's default."""
+DEFAULT_TCD_GAMMA = TCD.eta
+"""TCDScheduler's gamma (passed as eta) when none is given: the TCD paper's default (methods/tcd.py)."""
 LCMSCHEDULER_DEFAULT_GRID = 50
 """diffusers' LCMScheduler original_inference_steps default: a model on another grid must say so."""
 METADATA_PREFIX = "lcmkit."

@@ -43,6 +43,15 @@ class LCDSettings:
 class LCD:
     """One LCD example batch per call of `loss`, Algorithm 1 of the LCM paper."""
 
+    scheduler = "LCMScheduler"
+    """The diffusers scheduler a UNet student of this method samples with."""
+    eta: float | None = None
+    """Its eta (TCDScheduler's gamma), if it takes one."""
+
+    def sampling_steps(self, default: int = 4) -> int:
+        """The step count its students sample with by default."""
+        return default
+
     def __init__(self, settings: LCDSettings, extra: object = None):
         self.settings = settings
         self.last_origin: Tensor | None = None

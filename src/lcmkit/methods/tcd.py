@@ -27,6 +27,10 @@ from lcmkit.methods.lcd import LCD, LCDSettings
 class TCD(LCD):
     """One TCD example batch per call of `loss`; the settings are LCD's (w range, N, distance)."""
 
+    scheduler = "TCDScheduler"
+    eta: float | None = 0.3
+    """Strategic stochastic sampling's gamma: the TCD paper's default."""
+
     def __init__(self, settings: LCDSettings, extra: object = None):
         super().__init__(settings)
 
@@ -82,7 +86,13 @@ def phase_edges(num_steps: int, num_phases: int) -> Tensor:
 
 
 class PCM(TCD):
-    """Phased consistency: s is the lower edge of the phase that holds t_{n+k}."""
+    """Phased consistency: s is the lower edge of the phase that holds t_{n+k}. Its students sample on
+    TCDScheduler at gamma 0, exactly K steps: deterministic, edge to edge."""
+
+    eta: float | None = 0.0
+
+    def sampling_steps(self, default: int = 4) -> int:
+        return self.phases.num_phases
 
     def __init__(self, settings: LCDSettings, extra: PCMSettings | None = None):
         super().__init__(settings)

@@ -13,7 +13,10 @@ from typing import Any
 from lcmkit.errors import ConfigError
 from lcmkit.families import get_family
 from lcmkit.families.base import Family
-from lcmkit.infer.sampling import DEFAULT_TCD_GAMMA, LCMSCHEDULER_DEFAULT_GRID, default_guidance_scale, guidance_scale
+from lcmkit.infer.sampling import LCMSCHEDULER_DEFAULT_GRID, default_guidance_scale, guidance_scale
+from lcmkit.methods import METHODS
+from lcmkit.methods.lcd import LCDSettings
+from lcmkit.methods.tcd import PCMSettings
 
 CARD = "README.md"
 
@@ -82,15 +85,13 @@ image.save("cat.png")'''
 
 
 def sampler_of(record: dict[str, Any]) -> tuple[str, int, str]:
-    """(diffusers scheduler, steps, eta argument) a UNet student of this method samples with: LCD with LCMScheduler,
-    TCD with TCDScheduler (gamma 0.3, its paper's), PCM with TCDScheduler at gamma 0 in K steps: deterministic, edge
-    to edge of the phases it was trained on (docs/methods.md)."""
-    method = record["config"].get("method", "lcd")
-    if method == "pcm":
-        return "TCDScheduler", int(record["config"]["pcm"]["num_phases"]), ", eta=0.0"
-    if method == "tcd":
-        return "TCDScheduler", 4, f", eta={DEFAULT_TCD_GAMMA}"
-    return "LCMScheduler", 4, ""
+    """(diffusers scheduler, steps, eta argument) a UNet student of the run's method samples with, as the method
+    object says: LCD LCMScheduler; TCD TCDScheduler at its gamma; PCM TCDScheduler at gamma 0 in K steps."""
+    cfg = record["config"]
+    name = cfg.get("method", "lcd")
+    method = METHODS[name](LCDSettings(), PCMSettings(**cfg["pcm"]) if name == "pcm" else None)
+    eta = "" if method.eta is None else f", eta={method.eta}"
+    return method.scheduler, method.sampling_steps(), eta
 
 
 def usage_snippet(record: dict[str, Any], weights: str) -> str:
