@@ -294,3 +294,22 @@ def test_validation_draws_a_student_on_its_methods_sampler(tiny_sd, shards, tmp_
     args = ["--method", method, "--max-steps", "2", "--validation-every", "2", "--validation-prompts", "a red square"]
     assert run_cli(*distill_args(tiny_sd, shards, tmp_path / "run", "lora", *args)) == 0
     assert seen and set(seen) == {(scheduler, eta)}
+
+
+def test_watch_quality_on_the_toy_world_scores_the_probe_metrics(shards, tmp_path):
+    """--teacher toy --watch-quality: beside the agreement with the teacher, each validation scores the toy world's
+    prompt accuracy and probe-FD of the student's images."""
+    import json
+
+    from lcmkit.toy.demo import toy_prompts
+
+    prompts = toy_prompts(4, 0)
+    args = ["distill", "--teacher", "toy", "--data", shards, "--out", str(tmp_path / "run"), "--resolution", "32",
+            "--max-steps", "2", "--batch-size", "2", "--lora-rank", "4", "--validation-every", "2",
+            "--validation-prompts", *prompts, "--validation-steps", "1", "2", "--watch-quality",
+            "--no-progress"]  # fmt: skip
+    assert run_cli(*args) == 0
+    (row,) = [json.loads(line) for line in (tmp_path / "run" / "logs" / "quality.jsonl").read_text().splitlines()]
+    for n in (1, 2):
+        assert 0 <= row[f"quality/prompt_accuracy_{n}"] <= 1 and np.isfinite(row[f"quality/psnr_{n}"])
+    assert any(key.startswith("quality/probe_fd") for key in row)

@@ -27,8 +27,14 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k not in NOT_OPTIONS}
     cfg = load_config(args.config, overrides)
+    toy = cfg.model.teacher == "toy"
     cfg.model.teacher = toy_aliases(cfg.model.teacher, None)[0]  # --teacher toy: the shipped toy teacher
-    result = distill(cfg, command=shlex.join(["lcmkit", *sys.argv[1:]]))
+    scorers = None
+    if toy:  # --watch-quality on the toy world also scores the toy probe metrics (prompt accuracy, probe-FD)
+        from lcmkit.toy.demo import toy_scores
+
+        scorers = [toy_scores]
+    result = distill(cfg, command=shlex.join(["lcmkit", *sys.argv[1:]]), scorers=scorers)
     if not result.main_process:  # one line per run, not per process
         return 0
     t = result.train

@@ -56,8 +56,9 @@ class DistillResult:
     main_process: bool = True
 
 
-def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
-    """Run a distillation end to end. Raises ConfigError on bad input before any heavy work."""
+def distill(cfg: DistillConfig, command: str = "", scorers: list[Any] | None = None) -> DistillResult:
+    """Run a distillation end to end. Raises ConfigError on bad input before any heavy work. `scorers` (eval's
+    Scorer functions) add to --watch-quality's scores, e.g. the toy world's probe metrics."""
     validate(cfg)
     check_family(cfg)  # first: a preset for another family also asks for what this machine may not have
     check_environment(cfg)
@@ -78,12 +79,13 @@ def distill(cfg: DistillConfig, command: str = "") -> DistillResult:
         accelerator.wait_for_everyone()
         positions = cfg.train.batch_size * (cfg.data.resolution // teacher.vae_downsampling) ** 2
         with conv_kernels(cfg.train.cpu_conv, teacher.denoiser, accelerator.device, positions):
-            return _run(cfg, teacher, source, out, accelerator, command, t_start)
+            return _run(cfg, teacher, source, out, accelerator, command, t_start, scorers or [])
 
 
 def _run(
-    cfg: DistillConfig, teacher: Teacher, source: Source, out: Path, accelerator: Any, command: str, t_start: float
-) -> DistillResult:
+    cfg: DistillConfig, teacher: Teacher, source: Source, out: Path, accelerator: Any, command: str, t_start: float,
+    scorers: list[Any],
+) -> DistillResult:  # fmt: skip
     from accelerate.utils import set_seed
 
     if cfg.train.report_to != "none":
@@ -130,7 +132,7 @@ def _run(
 
     # The trainer: the student's update (and the discriminator's), the EMA after each step (full), validation grids,
     # checkpoints.
-    validator = Validator(cfg, teacher, models, out, accelerator) if tr.validation_prompts else None
+    validator = Validator(cfg, teacher, models, out, accelerator, scorers) if tr.validation_prompts else None
     updates.insert(0, Update("student", student, optimizer, lr_scheduler, loss_fn, cfg.optim.max_grad_norm))
     trainer = Trainer(accelerator, tr, out, updates, make_dataloader(stream, tr.batch_size, d.num_workers),
                       state=state,

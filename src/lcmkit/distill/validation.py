@@ -13,6 +13,7 @@ from lcmkit.families.teacher import Teacher
 from lcmkit.infer.images import image_grid
 from lcmkit.infer.pipelines import generate, lcm_pipeline, run_batched
 from lcmkit.infer.sampling import SamplingFacts, default_guidance_scale
+from lcmkit.measure.eval import agreement
 
 BEST = "best"
 """The folder of the best-scoring weights under --out (--watch-quality)."""
@@ -22,8 +23,12 @@ class Validator:
     """Saves a grid of few-step samples of the current student (rows prompts, columns step counts); with
     --watch-quality also scores them against the teacher and keeps the best weights."""
 
-    def __init__(self, cfg: DistillConfig, teacher: Teacher, models: LCDModels, out: Path, accelerator: Any):
+    def __init__(
+        self, cfg: DistillConfig, teacher: Teacher, models: LCDModels, out: Path, accelerator: Any,
+        scorers: list[Any] | None = None,
+    ):  # fmt: skip
         self.cfg, self.teacher, self.models, self.out, self.accelerator = cfg, teacher, models, out, accelerator
+        self.scorers = [agreement, *(scorers or [])]
         self.reference: list[Any] | None = None
         best = out / BEST / "best.json"  # a resumed run continues to compare with the best of its earlier part
         self.best: dict[str, Any] | None = json.loads(best.read_text()) if cfg.train.resume and best.is_file() else None
@@ -92,13 +97,12 @@ class Validator:
         """Score each step count against the teacher (mean PSNR, 1 - MS-SSIM), log it (tracker and
         logs/quality.jsonl), and save the weights to best/ when the mean PSNR over the step counts is the best yet."""
 
-        from lcmkit.measure.eval import agreement
-
         reference, prompts = self.reference_images(), self.cfg.train.validation_prompts
         scores: dict[str, float] = {}
         for n, images in zip(self.cfg.train.validation_steps, columns):
-            for name, value in agreement(images, prompts, reference).items():
-                scores[f"quality/{name}_{n}"] = value
+            for scorer in self.scorers:
+                for name, value in scorer(images, prompts, reference).items():
+                    scores[f"quality/{name}_{n}"] = value
         psnrs = [v for k, v in scores.items() if k.startswith("quality/psnr_")]
         scores["quality/psnr_mean"] = sum(psnrs) / len(psnrs)
         self.accelerator.log(scores, step=step)
