@@ -7,7 +7,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lcmkit.core.solver import guidance_scale, w_of
+from lcmkit.core.solver import guidance_scale as guidance_scale  # re-exported: the conversion lives in core
+from lcmkit.core.solver import w_of as w_of
 from lcmkit.families.base import Family
 from lcmkit.methods.lcd import LCDSettings
 from lcmkit.methods.tcd import TCD
@@ -16,8 +17,6 @@ FULL_LCM_GUIDANCE_SCALE = 8.5
 """A full LCM's guidance_scale when none is given: diffusers' LatentConsistencyModelPipeline default (w = 7.5)."""
 LORA_GUIDANCE_SCALE = 1.0
 """An LCM-LoRA's guidance_scale: 1 runs no classifier-free guidance pass (the LoRA learned the guided ODE)."""
-GUIDANCE_INPUT_SCALE = 3.5
-"""A guidance-distilled model's guidance input (FLUX.1-dev and its students) when none is given: FluxPipeline's."""
 DEFAULT_TCD_GAMMA = TCD.eta
 """TCDScheduler's gamma (passed as eta) when none is given: the TCD paper's default (methods/tcd.py)."""
 LCMSCHEDULER_DEFAULT_GRID = 50
@@ -25,7 +24,6 @@ LCMSCHEDULER_DEFAULT_GRID = 50
 METADATA_PREFIX = "lcmkit."
 
 
-__all__ = ["guidance_scale", "w_of"]  # the conversion lives in core/solver.py; sampling code imports it from here
 
 
 def flow_lcm_sigmas(steps: int) -> list[float]:
@@ -41,7 +39,7 @@ def default_guidance_scale(full: bool, family: Family | None = None) -> float:
     input. Another flow family (SD3): 1, no CFG pass (the student learned the guided ODE, and has no w input).
     A UNet: a full LCM's w input, or 1 for an LCM-LoRA."""
     if family is not None and family.guidance_distilled:
-        return GUIDANCE_INPUT_SCALE
+        return family.teacher_guidance  # its guidance input, at the family's usual value (FLUX: 3.5)
     if family is not None and family.flow:
         return LORA_GUIDANCE_SCALE
     return FULL_LCM_GUIDANCE_SCALE if full else LORA_GUIDANCE_SCALE
