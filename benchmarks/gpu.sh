@@ -14,4 +14,8 @@ export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, diffusers, transformers, peft, accelerate; print('versions', torch.__version__, \
 diffusers.__version__, transformers.__version__, peft.__version__, accelerate.__version__, torch.cuda.is_available())"
-python3 benchmarks/gpu_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_bench.log"
+# BENCH_TIMEOUT (seconds): stop in time for the logs to be packed (the device tool returns only a few files)
+timeout "${BENCH_TIMEOUT:-0}" python3 benchmarks/gpu_bench.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_bench.log"
+rc=$?
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+exit $rc

@@ -29,7 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-RUNS = ("lk_lora", "ref_lora", "lk_full", "ref_full", "ideal", "lk_lora_cache", "lk_lora_compile", "gen")
+RUNS = ("lk_lora", "ref_lora", "lk_full", "ref_full", "ideal", "lk_lora_cache", "lk_lora_compile", "gen",
+        "lk_lora_profile")
 REFERENCE_OF = {"lk_lora": "ref_lora", "lk_lora_cache": "ref_lora", "lk_lora_compile": "ref_lora",
                 "lk_full": "ref_full"}  # fmt: skip
 
@@ -255,6 +256,7 @@ def main() -> None:
     ap.add_argument("--child-timeout", type=float, default=200)
     ap.add_argument("--ideal-repeats", type=int, default=10)
     ap.add_argument("--gen-repeats", type=int, default=10)
+    ap.add_argument("--profile-steps", type=int, default=8, help="steps the lk_lora_profile run profiles")
     ap.add_argument("--only", default=",".join(RUNS), help=f"runs, in this order: {','.join(RUNS)}")
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu-bench-out")
     a = ap.parse_args()
@@ -296,6 +298,12 @@ def main() -> None:
                 lcmkit_run(run, "lora", a, teacher, f"cache:{cache}", [], ctx)
         elif run == "gen":
             generation(a, teacher, lora, ctx)
+        elif run == "lk_lora_profile":  # the phases and top kernels of a LoRA step (torch.profiler, CUDA events)
+            from lcmkit.train.loop import PROFILE_FILE
+
+            done = lcmkit_run(run, "lora", a, teacher, f"wds:{shards}", ["--profile-steps", str(a.profile_steps)], ctx)
+            if done is not None and (done / PROFILE_FILE).is_file():
+                shutil.copy(done / PROFILE_FILE, out / f"{run}.json")
     gpu = None
     if a.device == "cuda":
         import torch

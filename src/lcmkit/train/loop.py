@@ -61,6 +61,18 @@ class StepProfiler:
         self._prof.__enter__()
         self.running = True
 
+    def top_ops(self, n: int, k: int = 15) -> dict[str, float]:
+        """The k operators (kernels on CUDA) that cost most, by their own time: milliseconds per step."""
+
+        def own(e: Any) -> float:
+            if self.cuda:
+                return getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0)
+            return e.self_cpu_time_total
+
+        events = [e for e in self._prof.key_averages() if "/" not in e.key]
+        events.sort(key=own, reverse=True)
+        return {e.key[:120]: round(own(e) / 1000 / n, 3) for e in events[:k]}
+
     def stop(self, step_times: list[float], path: Path, write: bool) -> dict[str, Any]:
         if self.cuda:
             torch.cuda.synchronize()
@@ -80,6 +92,7 @@ class StepProfiler:
             "ms_per_step": step_ms,
             "phases_ms": dict(sorted(phases.items(), key=lambda kv: -kv[1])),
             "unlabelled_ms": step_ms - sum(phases.values()),
+            "top_ops_ms": self.top_ops(n),
             "note": "wall-clock ms per step under the profiler (which adds some overhead); a phase is its host time, "
                     "or on CUDA its GPU time when larger; phases do not overlap on CPU",
         }
