@@ -1,4 +1,4 @@
-"""`lcmkit toy train-teacher|ship-teacher`: build the embedded toy world's teacher.
+"""`lcmkit toy train-teacher|train-flow-teacher|ship-teacher`: build the embedded toy world's teachers.
 
 train-teacher's flags come from toy/teacher.py's TeacherRecipe; that module imports transformers, so they are
 added when the command is parsed (Parser.defer), not for every `lcmkit` call."""
@@ -47,10 +47,20 @@ def teacher_flags() -> Flags:
     return Flags(TeacherRecipe, spec=TEACHER_FLAGS)
 
 
-def add_teacher_flags(parser: Parser) -> None:
-    teacher_flags().add(parser)
+def flow_teacher_flags() -> Flags:
+    from lcmkit.toy.flow_teacher import FlowTeacherRecipe
+
+    return Flags(FlowTeacherRecipe, spec={"vae": TEACHER_FLAGS["vae"]})
+
+
+def add_teacher_flags(parser: Parser, flags: Callable[[], Flags] = teacher_flags) -> None:
+    flags().add(parser)
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def add_flow_teacher_flags(parser: Parser) -> None:
+    add_teacher_flags(parser, flow_teacher_flags)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -58,6 +68,9 @@ def add_parser(subparsers: Any) -> None:
     sub = toy.add_subparsers(dest="toy_command", required=True)
     t = sub.add_parser("train-teacher", help="train the tiny toy teacher (resumable; checkpoints in --out)")
     t.defer(add_teacher_flags)
+    f = sub.add_parser("train-flow-teacher",
+                       help="train the tiny toy flow teacher, an SD3 (resumable; checkpoints in --out)")  # fmt: skip
+    f.defer(add_flow_teacher_flags)
     s = sub.add_parser("ship-teacher", help="copy a trained toy teacher into the package with its card and scores")
     SHIP.add(s)
     toy.set_defaults(func=run)
@@ -65,7 +78,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     runs: dict[str, Callable[[argparse.Namespace], int]] = {
-        "train-teacher": run_train_teacher, "ship-teacher": run_ship_teacher,
+        "train-teacher": run_train_teacher, "train-flow-teacher": run_train_teacher, "ship-teacher": run_ship_teacher,
     }  # fmt: skip
     return runs[args.toy_command](args)
 
@@ -79,8 +92,14 @@ def run_train_teacher(args: argparse.Namespace) -> int:
     if not (Path(vae) / "config.json").is_file():
         raise ConfigError(f"--vae {vae}: not a trained toy VAE folder (no config.json); train one with "
                           "python -m lcmkit.toy.vae --out DIR --steps N")  # fmt: skip
-    recipe = teacher_flags().build(args, vae=vae)
-    summary = train_teacher(recipe, resume=not args.no_resume, progress=not args.no_progress)
+    if args.toy_command == "train-flow-teacher":
+        from lcmkit.toy.flow_teacher import train_flow_teacher
+
+        recipe = flow_teacher_flags().build(args, vae=vae)
+        summary = train_flow_teacher(recipe, resume=not args.no_resume, progress=not args.no_progress)
+    else:
+        recipe = teacher_flags().build(args, vae=vae)
+        summary = train_teacher(recipe, resume=not args.no_resume, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
     return 0
 
