@@ -19,7 +19,8 @@ from lcmkit.distill.config import SECTIONS, _section_fields
 
 COMMANDS = {
     "distill", "cache", "serve", "presets", "push", "generate", "export", "info", "eval", "bench distill",
-    "bench generate", "bench serve", "bench soak", "demo", "toy train-teacher", "toy ship-teacher",
+    "bench generate", "bench serve", "bench soak", "demo", "toy train-teacher", "toy train-flow-teacher",
+    "toy ship-teacher",
 }  # fmt: skip
 DISTILL_SECTIONS = {"distill": SECTIONS, "cache": ("model", "data")}
 """The commands whose flags (also) come from distill/config.py's sections, with defaults None (the file wins)."""
@@ -128,7 +129,12 @@ def test_quick_presets_stay_under_given_flags():
     args = build_parser().parse_args(["demo", "--quick", "--steps", "5", "--no-overwrite"])
     given = DEMO.values(args)
     assert given == {"steps": 5, "overwrite": False}
-    assert DemoSettings.quick(**given) == DemoSettings.quick(steps=5, overwrite=False)
+    settings = DemoSettings.make(True, **given)
+    assert (settings.steps, settings.overwrite, settings.n_train, settings.flow) == (5, False, 200, False)
+    flow = DemoSettings.make(True, **DEMO.values(build_parser().parse_args(["demo", "--quick", "--flow",
+                                                                           "--teacher-steps", "10"])))  # fmt: skip
+    assert (flow.flow, flow.teacher_steps, flow.teacher_few_steps, flow.tcd_steps, flow.n_train, flow.out) == (
+        True, 10, [1, 2, 4], [], 200, "runs/demo-flow")  # fmt: skip
 
 
 @dataclass

@@ -88,3 +88,39 @@ def test_demo_refuses_a_bad_value_before_any_work(flag, value, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert f"{flag} {value}" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "d").exists()
+
+
+def make_toy_flow_teacher(path) -> str:
+    """The toy flow teacher's architecture (a tiny SD3 over the toy VAE), random weights, small."""
+    from lcmkit.toy import flow_teacher as ft
+    from lcmkit.toy.tokenizer import load_toy_tokenizer
+
+    torch.manual_seed(0)
+    build_toy_vae().save_pretrained(path.parent / "flow-vae")
+    recipe = ft.FlowTeacherRecipe(out="", vae="", num_layers=1, num_heads=2, head_dim=16, text_hidden=16, t5_dim=32)
+    clip = load_toy_tokenizer()
+    clip.model_max_length = recipe.clip_tokens
+    tokenizers = [clip, clip, ft.toy_t5_tokenizer(recipe)]
+    vae = ft.toy_flow_vae(str(path.parent / "flow-vae"))
+    encoders = ft.build_text_encoders(recipe, clip, tokenizers[2])
+    ft.save_pipeline(path, ft.build_transformer(recipe), encoders, vae, tokenizers, recipe.shift, torch.float32)
+    return str(path)
+
+
+def test_quick_flow_demo_shows_the_teachers_euler_beside_the_distilled_model(tmp_path, capsys):
+    teacher = make_toy_flow_teacher(tmp_path / "flow-teacher")
+    out = tmp_path / "demo"
+    assert main(["demo", "--flow", "--quick", "--teacher", teacher, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "teacher Euler 28" in printed and "its own Euler" in printed
+    record = json.loads((out / "metrics.json").read_text())
+    labels = [c["label"] for c in record["columns"]]
+    assert labels == ["teacher Euler 28", "teacher Euler 1", "teacher Euler 2", "teacher Euler 4", "LCM 1", "LCM 2",
+                      "LCM 4"]  # fmt: skip
+    assert record["flow"] and all(c["probe_fd"] > 0 for c in record["columns"])
+    lcm = {c["label"]: c for c in record["columns"]}["LCM 4"]
+    assert lcm["guidance"] == 1.0  # the LoRA learnt the teacher's guided ODE: no CFG at sampling
+    run = json.loads((out / "lcm-lora" / "lcmkit_run.json").read_text())
+    assert run["family"] == "sd3" and run["config"]["lcd"]["w_min"] == run["config"]["lcd"]["w_max"] == 4.0
+    assert lora_pipeline(teacher, out / "lcm-lora").scheduler.__class__.__name__ == "FlowMatchLCMScheduler"
+    assert Image.open(out / "grid.png").width >= 7 * 96 and (out / "quality.png").is_file()

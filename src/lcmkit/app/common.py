@@ -39,11 +39,17 @@ def split_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+TOY_ALIASES = ("toy", "toy-flow")
+"""--teacher / --lora names of the shipped toy teacher and LCM-LoRA, and of the toy flow teacher (a tiny SD3) and its
+LCM-LoRA."""
+
+
 def toy_aliases(teacher: str | None, lora: str | None) -> tuple[str | None, str | None]:
-    """--teacher toy / --lora toy: the shipped toy teacher and LCM-LoRA (checked)."""
+    """--teacher toy|toy-flow / --lora toy|toy-flow: the shipped toy teachers and LCM-LoRAs (checked)."""
     from lcmkit.toy.demo import toy_lora, toy_teacher
 
-    return (toy_teacher() if teacher == "toy" else teacher), (toy_lora() if lora == "toy" else lora)
+    teacher = toy_teacher(flow=teacher == "toy-flow") if teacher in TOY_ALIASES else teacher
+    return teacher, (toy_lora(flow=lora == "toy-flow") if lora in TOY_ALIASES else lora)
 
 
 def base_and_loras(base: str | None, specs: list[str] | None) -> tuple[str | None, list[tuple[str, float]]]:

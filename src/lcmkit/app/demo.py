@@ -14,6 +14,7 @@ DEMO = Flags(
     spec={
         "out": {"help": "output folder"},
         "mode": {"choices": ("lora", "full")},
+        "flow": {"help": "the toy flow teacher (a tiny SD3): its Euler beside the distilled model"},
         "teacher": {"help": "another toy-world teacher folder (default: the shipped one)"},
         "steps": {"help": "distillation steps"},
         "batch_size": {"help": "distillation batch size"},
@@ -26,7 +27,8 @@ DEMO = Flags(
         "lcm_steps": {"help": "step counts of the live LCM columns"},
         "shipped_steps": {"help": "step counts of the shipped LCM-LoRA columns"},
         "tcd_gamma": {"help": "gamma of the TCD columns"},
-        "teacher_steps": {"help": "DPM-Solver++ steps of the teacher's reference column"},
+        "teacher_steps": {"help": "steps of the teacher's reference column (DPM-Solver++; with --flow Euler)"},
+        "teacher_few_steps": {"help": "step counts of the teacher's few-step columns"},
         "overwrite": {"help": "replace a previous demo run in --out"},
         "progress": {"help": "progress bars"},
     },
@@ -45,13 +47,14 @@ def run(args: argparse.Namespace) -> int:
     from lcmkit.toy.demo import run_demo
 
     given = DEMO.values(args)
-    settings = DemoSettings.quick(**given) if args.quick else DemoSettings(**given)
+    settings = DemoSettings.make(args.quick, **given)
     settings.check()
     result = run_demo(settings)
     print(result["table"])
+    tcd = f"TCD n: the same model on TCDScheduler (gamma {settings.tcd_gamma:g}); " if settings.tcd_steps else ""
+    sampler = "its own Euler" if settings.flow else "DPM-Solver++"
     print(f"LCM n: distilled in this run ({result['distill_steps']} steps, {result['distill_s']:.0f} s), n sampling "
-          f"steps; TCD n: the same model on TCDScheduler (gamma {settings.tcd_gamma:g}); teacher: DPM-Solver++ "
-          "with guidance.")  # fmt: skip
+          f"steps; {tcd}teacher: {sampler} with guidance.")  # fmt: skip
     if result["shipped_lora"]:
         made = result["shipped_lora_steps"]
         print(f"shipped LCM n: {result['shipped_lora']}" + (f" ({made} steps of distillation)" if made else ""))

@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from lcmkit.families.base import Family
 
 
-
 @dataclass
 class ConditioningSettings:
     """Options of the [lcd] section that say how prompts condition the teacher."""
@@ -97,10 +96,9 @@ class TextConditioner:
         self._empty = self.encode([""], ones, ones, (1, 1))
         self.text_encoders = []
 
-    def _token_ids(self, tokenizer: Any, prompts: list[str], length: int | None) -> Tensor:
+    def _token_ids(self, tokenizer: Any, prompts: list[str], length: int) -> Tensor:
         return tokenizer(
-            prompts, padding="max_length", max_length=length or tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
+            prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
         ).input_ids.to(self.device)  # fmt: skip
 
     @torch.no_grad()
@@ -113,7 +111,7 @@ class TextConditioner:
     ) -> Conditioning:
         """Prompts -> Conditioning. A family with time ids (SDXL) needs sizes (height, width) per prompt and the
         target size."""
-        lengths = (*self.family.text_lengths, *[None] * len(self.tokenizers))
+        lengths = token_lengths(self.family, self.tokenizers)
         ids = [self._token_ids(tokenizer, prompts, n) for tokenizer, n in zip(self.tokenizers, lengths)]
         hidden, pooled = self.family.encode_text(ids, self.text_encoders)
         if not self.family.time_ids:
@@ -148,3 +146,11 @@ class TextConditioner:
         empty = self._empty.to(cond.hidden_states.device, cond.hidden_states.dtype)
         pooled = None if empty.pooled is None else empty.pooled.expand(batch, -1)
         return Conditioning(empty.hidden_states.expand(batch, -1, -1), pooled, cond.time_ids)
+
+
+def token_lengths(family: Family, tokenizers: list[Any]) -> list[int]:
+    """Positions per tokenizer: the family's fixed length (its pipeline's default max_sequence_length), capped by the
+    tokenizer's own model_max_length (a model trained on shorter T5 sequences, like the toy flow teacher, says so
+    there); without a fixed length, the tokenizer's."""
+    fixed = (*family.text_lengths, *[None] * len(tokenizers))
+    return [min(n, tok.model_max_length) if n else tok.model_max_length for tok, n in zip(tokenizers, fixed)]

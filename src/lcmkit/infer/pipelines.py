@@ -68,6 +68,7 @@ def run_batched(
     global_noise = type(pipe.scheduler).__name__ == "FlowMatchLCMScheduler"
     if global_noise and "num_inference_steps" in kwargs and "sigmas" not in kwargs:
         kwargs["sigmas"] = flow_lcm_sigmas(kwargs["num_inference_steps"])
+    kwargs.update(sequence_length(pipe))
     for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
         chunk = prompts[start : start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
@@ -84,6 +85,17 @@ def run_batched(
             torch.manual_seed(seed + start)
         images += pipe(chunk, generator=generators, output_type="pil", **kwargs).images
     return images
+
+
+def sequence_length(pipe: Any) -> dict[str, int]:
+    """max_sequence_length for a pipeline whose T5 tokenizer is shorter than the pipeline's default (the toy flow
+    teacher's 16 positions): lcmkit's text conditioning uses the same length (families/conditioning.token_lengths)."""
+    family = family_of_pipeline(pipe)
+    for encoder, fixed in zip(family.text_encoders, family.text_lengths):
+        tokenizer = getattr(pipe, encoder.replace("text_encoder", "tokenizer"), None)
+        if fixed and tokenizer is not None and tokenizer.model_max_length < fixed:
+            return {"max_sequence_length": int(tokenizer.model_max_length)}
+    return {}
 
 
 def initial_noise(n: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:

@@ -5,6 +5,9 @@ Distils the shipped toy teacher into an LCM-LoRA (or a full LCM) on toy-world sh
 teacher DPM-Solver++ 25 steps with guidance, teacher DPM-Solver++ 4 steps, and the LCM at 1, 2, 4, 8
 steps. Writes a grid PNG, a metrics table (markdown + JSON: probe-FD, prompt accuracy, seconds per
 image) and a plot of quality against steps and seconds per image.
+
+`lcmkit demo --flow` does the same for the toy flow teacher (a tiny SD3, rectified flow): the distilled
+model on FlowMatchLCMScheduler at 1, 2, 4 steps beside the teacher's own Euler at 1, 2, 4 and 28 steps.
 """
 
 from __future__ import annotations
@@ -24,23 +27,26 @@ from lcmkit.distill.config import DistillConfig
 from lcmkit.distill.recipe import distill
 from lcmkit.errors import ConfigError
 from lcmkit.infer.images import image_grid
-from lcmkit.infer.pipelines import initial_noise
+from lcmkit.infer.pipelines import denoiser_of, initial_noise
 from lcmkit.infer.sampling import DEFAULT_TCD_GAMMA, LORA_GUIDANCE_SCALE, w_of
 from lcmkit.measure.eval import Column, sample_columns, write_report
 from lcmkit.methods.lcd import LCDSettings
 from lcmkit.runtime import dtype_kwarg
 from lcmkit.toy.world import IMAGE_SIZE, TOY_GUIDANCE_SCALE, make_splits, sample_scenes
 
-TEACHER_DIR = Path(__file__).parent / "assets" / "teacher"
-LORA_DIR = Path(__file__).parent / "assets" / "lcm_lora"
+ASSETS = Path(__file__).parent / "assets"
+TEACHER_DIR, LORA_DIR = ASSETS / "teacher", ASSETS / "lcm_lora"
+FLOW_TEACHER_DIR, FLOW_LORA_DIR = ASSETS / "flow_teacher", ASSETS / "flow_lora"
 
 
 @dataclass
 class DemoSettings:
     out: str = "runs/demo"
     mode: str = "lora"
+    flow: bool = False
+    """The toy flow teacher (a tiny SD3) instead of the UNet one; some defaults differ (FLOW_DEFAULTS)."""
     teacher: str | None = None
-    """Defaults to the shipped toy teacher."""
+    """Defaults to the shipped toy teacher (the flow one with --flow)."""
     steps: int = 240
     """LoRA steps of the live run: 240 keeps `make demo` within 10 minutes on a 2-core CPU (300 took 607 s)."""
     batch_size: int = 32
@@ -63,6 +69,9 @@ class DemoSettings:
     """Step counts of the TCD sampler columns (live and shipped model)."""
     tcd_gamma: float = DEFAULT_TCD_GAMMA
     teacher_steps: int = 25
+    """Steps of the teacher's reference column (DPM-Solver++; a flow teacher's Euler)."""
+    teacher_few_steps: list[int] = field(default_factory=lambda: [4])
+    """Step counts of the teacher's few-step columns, the same sampler."""
     seed: int = 0
     overwrite: bool = True
     progress: bool = True
@@ -75,26 +84,42 @@ class DemoSettings:
             raise ConfigError(f"--num-ddim-timesteps {self.num_ddim_timesteps}: must be between 1 and 1000")
 
     @classmethod
-    def quick(cls, **kw: Any) -> DemoSettings:
-        """A smoke-test sized demo (the test suite runs it)."""
-        base = dict(steps=20, batch_size=8, n_train=200, n_test=100, n_eval=8, grid_rows=2, lcm_steps=[1, 2, 4])
-        return cls(**{**base, **kw})
+    def make(cls, quick: bool = False, **given: Any) -> DemoSettings:
+        """The settings for the given flags: --flow's defaults, then --quick's sizes, under what was given."""
+        base = dict(FLOW_DEFAULTS) if given.get("flow") else {}
+        if quick:  # a smoke-test sized demo (the test suite runs it)
+            base.update(steps=20, batch_size=8, n_train=200, n_test=100, n_eval=8, grid_rows=2, lcm_steps=[1, 2, 4])
+        return cls(**{**base, **given})
+
+    @property
+    def teacher_sampler(self) -> str:
+        return "euler" if self.flow else "dpm++"
 
 
-def toy_teacher(folder: str | None = None) -> str:
-    """A toy-world teacher folder (default: the shipped one), checked."""
-    path = Path(folder) if folder else TEACHER_DIR
+FLOW_DEFAULTS: dict[str, Any] = dict(
+    out="runs/demo-flow", teacher_steps=28, teacher_few_steps=[1, 2, 4], lcm_steps=[1, 2, 4], tcd_steps=[],
+    shipped_steps=[1, 2, 4],
+)  # fmt: skip
+"""--flow: the teacher's Euler at the distilled model's step counts and at SD3's 28; no TCD (a flow model samples
+with FlowMatchLCMScheduler)."""
+
+
+def toy_teacher(folder: str | None = None, flow: bool = False) -> str:
+    """A toy-world teacher folder (default: the shipped one, or the shipped flow teacher), checked."""
+    path = Path(folder) if folder else FLOW_TEACHER_DIR if flow else TEACHER_DIR
     if not (path / "model_index.json").is_file():
+        command = "train-flow-teacher" if flow else "train-teacher"
         raise ConfigError(f"toy teacher {path} not found: it ships with lcmkit once trained "
-                          "(lcmkit toy train-teacher), or pass --teacher DIR")  # fmt: skip
+                          f"(lcmkit toy {command}), or pass --teacher DIR")  # fmt: skip
     return str(path)
 
 
-def toy_lora() -> str:
-    """The shipped toy LCM-LoRA folder, checked."""
-    if not (LORA_DIR / "pytorch_lora_weights.safetensors").is_file():
-        raise ConfigError(f"the toy LCM-LoRA {LORA_DIR} is not in this build yet: pass --lora DIR (a distill output)")
-    return str(LORA_DIR)
+def toy_lora(flow: bool = False) -> str:
+    """The shipped toy LCM-LoRA folder (of the UNet or the flow teacher), checked."""
+    folder = FLOW_LORA_DIR if flow else LORA_DIR
+    if not (folder / "pytorch_lora_weights.safetensors").is_file():
+        raise ConfigError(f"the toy LCM-LoRA {folder} is not in this build yet: pass --lora DIR (a distill output)")
+    return str(folder)
 
 
 def ensure_shards(folder: Path, settings: DemoSettings) -> dict[str, str]:
@@ -116,8 +141,10 @@ def distill_config(settings: DemoSettings, teacher: str, data: str, out: Path) -
     cfg.data.resolution = IMAGE_SIZE
     cfg.data.shuffle_buffer = 500
     w = w_of(settings.guidance)
-    # LoRA has no w input: it learns the teacher's ODE at the demo's guidance; a full LCM learns a range.
-    cfg.lcd.w_min, cfg.lcd.w_max = (w, w) if settings.mode == "lora" else (max(w - 3.0, 0.0), w + 3.0)
+    # LoRA has no w input: it learns the teacher's ODE at the demo's guidance; a full LCM learns a range (a full
+    # SD3 student has no guidance input either: one w).
+    one_w = settings.mode == "lora" or settings.flow
+    cfg.lcd.w_min, cfg.lcd.w_max = (w, w) if one_w else (max(w - 3.0, 0.0), w + 3.0)
     cfg.lcd.num_ddim_timesteps = settings.num_ddim_timesteps
     cfg.lora.lora_rank = settings.lora_rank
     cfg.optim.learning_rate = settings.learning_rate
@@ -134,14 +161,19 @@ def distill_config(settings: DemoSettings, teacher: str, data: str, out: Path) -
 
 
 def lora_pipeline(teacher: str, lora_dir: str | Path) -> Any:
-    """The teacher with an LCM-LoRA fused in, on LCMScheduler over the DDIM grid the LoRA was distilled on."""
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+    """The teacher with an LCM-LoRA fused in, on LCMScheduler over the DDIM grid the LoRA was distilled on (a flow
+    teacher: on FlowMatchLCMScheduler)."""
+    from diffusers import DiffusionPipeline, LCMScheduler
 
     from lcmkit.infer.sampling import lcm_lora_ddim_timesteps
+    from lcmkit.infer.schedulers import few_step_scheduler, is_flow
 
-    lcm = StableDiffusionPipeline.from_pretrained(teacher, **dtype_kwarg(torch.float32))
-    n = lcm_lora_ddim_timesteps([(str(lora_dir), 1.0)])
-    lcm.scheduler = LCMScheduler.from_config(lcm.scheduler.config, original_inference_steps=n)
+    lcm = DiffusionPipeline.from_pretrained(teacher, **dtype_kwarg(torch.float32))
+    if is_flow(lcm.scheduler.config):
+        lcm.scheduler = few_step_scheduler(lcm.scheduler.config, "lcm")
+    else:
+        n = lcm_lora_ddim_timesteps([(str(lora_dir), 1.0)])
+        lcm.scheduler = LCMScheduler.from_config(lcm.scheduler.config, original_inference_steps=n)
     lcm.load_lora_weights(str(lora_dir))
     lcm.fuse_lora()
     lcm.set_progress_bar_config(disable=True)
@@ -150,15 +182,15 @@ def lora_pipeline(teacher: str, lora_dir: str | Path) -> Any:
 
 def load_pipelines(settings: DemoSettings, teacher: str, run_dir: Path) -> tuple[Any, Any]:
     """(teacher pipeline, distilled pipeline with LCMScheduler)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    base = StableDiffusionPipeline.from_pretrained(teacher, **dtype_kwarg(torch.float32))
+    base = DiffusionPipeline.from_pretrained(teacher, **dtype_kwarg(torch.float32))
     base.set_progress_bar_config(disable=True)
     if settings.mode == "lora":
         return base, lora_pipeline(teacher, run_dir)
     # the plain pipeline feeds a full LCM's UNet w = guidance - 1 (no CFG) and, unlike
     # LatentConsistencyModelPipeline, passes TCD's gamma on to the scheduler
-    lcm = StableDiffusionPipeline.from_pretrained(run_dir / "pipeline", **dtype_kwarg(torch.float32))
+    lcm = DiffusionPipeline.from_pretrained(run_dir / "pipeline", **dtype_kwarg(torch.float32))
     lcm.set_progress_bar_config(disable=True)
     return base, lcm
 
@@ -172,13 +204,13 @@ def columns_for(settings: DemoSettings, base: Any, lcm: Any, shipped: Any = None
     from lcmkit.infer.schedulers import teacher_scheduler, with_sampler
 
     teacher = base
-    teacher.scheduler = teacher_scheduler(base.scheduler.config, "dpm++")
-    lcm_guidance = LORA_GUIDANCE_SCALE if settings.mode == "lora" else settings.guidance
-    group = "teacher DPM++"
-    cols = [
-        Column(f"{group} {settings.teacher_steps}", group, teacher, settings.teacher_steps, settings.guidance),
-        Column(f"{group} 4", group, teacher, 4, settings.guidance),
-    ]
+    teacher.scheduler = teacher_scheduler(base.scheduler.config, settings.teacher_sampler)
+    # a full student with a w input takes the guidance there; a LoRA (or a full SD3 student) has it baked in
+    takes_w = settings.mode == "full" and not settings.flow
+    lcm_guidance = settings.guidance if takes_w else LORA_GUIDANCE_SCALE
+    group = f"teacher {'Euler' if settings.flow else 'DPM++'}"
+    cols = [Column(f"{group} {n}", group, teacher, n, settings.guidance)
+            for n in [settings.teacher_steps, *settings.teacher_few_steps]]  # fmt: skip
     tcd = {"eta": settings.tcd_gamma}
     cols += [Column(f"LCM {n}", "LCM", lcm, n, lcm_guidance) for n in settings.lcm_steps]
     if settings.tcd_steps:
@@ -266,7 +298,7 @@ def swap_in(fresh: Path, final: Path) -> None:
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
-    teacher = toy_teacher(settings.teacher)
+    teacher = toy_teacher(settings.teacher, settings.flow)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -282,21 +314,21 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     t_distill = time.perf_counter() - t0
 
     base, lcm = load_pipelines(settings, teacher, run_dir)
-    shipped_dir = settings.shipped_lora
-    if shipped_dir is None and settings.teacher is None and (LORA_DIR / "pytorch_lora_weights.safetensors").is_file():
-        shipped_dir = str(LORA_DIR)
+    shipped_dir, ships = settings.shipped_lora, FLOW_LORA_DIR if settings.flow else LORA_DIR
+    if shipped_dir is None and settings.teacher is None and (ships / "pytorch_lora_weights.safetensors").is_file():
+        shipped_dir = str(ships)
     shipped = lora_pipeline(teacher, shipped_dir) if shipped_dir and shipped_dir != "none" else None
     columns = columns_for(settings, base, lcm, shipped)
     prompts = toy_prompts(settings.n_eval, settings.seed)
     latent = IMAGE_SIZE // base.vae_scale_factor
-    noise = initial_noise(len(prompts), (base.unet.config.in_channels, latent, latent), settings.seed)
+    noise = initial_noise(len(prompts), (denoiser_of(base).config.in_channels, latent, latent), settings.seed)
     sample_columns(columns, prompts, noise, settings.seed, 50, IMAGE_SIZE, settings.progress)
     for col in columns:
         col.metrics.update(toy_scores(col.images, prompts))
 
     rows = [[c.images[i] for c in columns] for i in range(settings.grid_rows)]
     image_grid(rows, prompts[: settings.grid_rows], [c.label for c in columns]).save(out / "grid.png")
-    info = {"mode": settings.mode, "distill_steps": result.train.steps, "distill_s": t_distill,
+    info = {"mode": settings.mode, "flow": settings.flow, "distill_steps": result.train.steps, "distill_s": t_distill,
             "shipped_lora": shipped_dir if shipped is not None else None,
             "shipped_lora_steps": shipped_lora_steps(Path(shipped_dir)) if shipped is not None else None,
             "median_s_per_step": result.train.median_s_per_step, "n_eval": settings.n_eval,
