@@ -70,3 +70,21 @@ def test_flow_teacher_trains_resumes_exactly_and_saves_an_sd3_pipeline(tmp_path)
     image = pipe(prompt, num_inference_steps=2, height=32, width=32, output_type="np",
                  max_sequence_length=16).images[0]  # fmt: skip
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+
+def test_ship_flow_teacher_measures_its_euler_and_documents(tmp_path):
+    from lcmkit.toy.ship import ship_teacher
+
+    torch.manual_seed(0)
+    build_toy_vae().save_pretrained(tmp_path / "vae")
+    run = tmp_path / "run"
+    train_flow_teacher(FlowTeacherRecipe(steps=2, **dict(SMALL, out=str(run), vae=str(tmp_path / "vae"))),
+                       progress=False)  # fmt: skip
+    facts = ship_teacher(run, tmp_path / "shipped", n_eval=2, progress=False)
+    card = (tmp_path / "shipped" / "README.md").read_text()
+    assert "StableDiffusion3Pipeline" in card and "max_sequence_length=16" in card and "h of compute" in card
+    for label in ("teacher Euler 28", "teacher Euler 1 ", "teacher Euler 50", "teacher DPM++ 4"):
+        assert label in card, label
+    assert facts["parameters"]["transformer"] > 0 and facts["parameters"]["text_encoder_3"] > 0
+    evaluation = json.loads((tmp_path / "shipped" / "evaluation" / "eval.json").read_text())
+    assert any("probe_fd" in c.get("metrics", c) for c in evaluation["columns"])

@@ -31,7 +31,7 @@ class ShipOptions:
     run: str
     """The --out folder of lcmkit toy train-teacher."""
     out: str | None = None
-    """Where to put it (default: lcmkit/toy/assets/teacher)."""
+    """Where to put it (default: lcmkit/toy/assets/teacher, or flow_teacher for a flow teacher's run)."""
     eval_images: int = default_of(ship_teacher, "n_eval")
     """Held-out prompts for the card's scores."""
     overwrite: bool = option(default_of(ship_teacher, "overwrite"), action="store_true")
@@ -105,11 +105,9 @@ def run_train_teacher(args: argparse.Namespace) -> int:
 
 
 def run_ship_teacher(args: argparse.Namespace) -> int:
-    from lcmkit.toy.ship import SHIPPED_TEACHER
-
     o: ShipOptions = SHIP.build(args)
-    out = Path(o.out) if o.out else SHIPPED_TEACHER
-    facts = ship_teacher(Path(o.run), out, o.eval_images, o.overwrite, progress=o.progress)
+    facts = ship_teacher(Path(o.run), Path(o.out) if o.out else None, o.eval_images, o.overwrite, progress=o.progress)
+    out = facts["out"]
     print(f"lcmkit: shipped the toy teacher to {out} ({facts['size_mb']:.1f} MB, "
           f"{facts['training']['compute_s'] / 3600:.1f} h of training); its card is {out}/README.md")  # fmt: skip
     return 0
