@@ -9,7 +9,7 @@ from PIL import Image
 
 from lcmkit.families import family_of_pipeline
 from lcmkit.families.teacher import Teacher
-from lcmkit.infer.sampling import flow_lcm_sigmas
+from lcmkit.infer.sampling import flow_sigmas
 
 
 def teacher_pipeline(teacher: Teacher, denoiser: torch.nn.Module, scheduler: Any) -> Any:
@@ -66,8 +66,9 @@ def run_batched(
     # FlowMatchLCMScheduler re-noises from torch's global generator (SD3/FLUX pipelines pass it none): seeded
     # per batch, so a flow model's few-step image depends on its batch, unless batch_size is 1.
     global_noise = type(pipe.scheduler).__name__ == "FlowMatchLCMScheduler"
-    if global_noise and "num_inference_steps" in kwargs and "sigmas" not in kwargs:
-        kwargs["sigmas"] = flow_lcm_sigmas(kwargs["num_inference_steps"])
+    flow_grid = global_noise or type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    if flow_grid and "num_inference_steps" in kwargs and "sigmas" not in kwargs:  # not the schedulers' own grids
+        kwargs["sigmas"] = flow_sigmas(kwargs["num_inference_steps"])
     kwargs.update(sequence_length(pipe))
     for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress):
         chunk = prompts[start : start + batch_size]

@@ -26,11 +26,13 @@ METADATA_PREFIX = "lcmkit."
 
 
 
-def flow_lcm_sigmas(steps: int) -> list[float]:
-    """The sigmas a few-step flow model samples at, before the scheduler's shift: 1, (N-1)/N, ..., 1/N, which the
-    shift maps onto the spacing of the training grid. FluxPipeline passes these by default; StableDiffusion3Pipeline
-    does not, and FlowMatchLCMScheduler's own grid (diffusers 0.42) then shifts twice: for 4 steps at shift 3 it is
-    1, 0.858, 0.602, 0.009, so the last step starts from an almost clean latent and is wasted (docs/flow.md)."""
+def flow_sigmas(steps: int) -> list[float]:
+    """The sigmas a flow model samples at in `steps` steps, before the scheduler's shift: 1, (N-1)/N, ..., 1/N, which
+    the shift maps onto the spacing of the training grid. FluxPipeline passes these by default; StableDiffusion3Pipeline
+    does not, and then (diffusers 0.42) FlowMatchLCMScheduler's own grid shifts twice: for 4 steps at shift 3 it is
+    1, 0.858, 0.602, 0.009, so the last step starts from an almost clean latent and is wasted (docs/flow.md); and
+    FlowMatchEulerDiscreteScheduler's runs from 1 to 1/1000: 2 Euler steps are 1 -> 0.001 -> 0, one step in effect.
+    lcmkit samples both the distilled model and the teacher's Euler on these."""
     return [1.0 - i / steps for i in range(steps)]
 
 
