@@ -27,13 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lcmkit.measure.system import cpu_model
 from lcmkit.runtime import dtype_kwarg
-from lcmkit.toy.teacher import LatentBatches, encode_training_set
+from lcmkit.toy.teacher import LatentBatches, encode_training_set, open_run, run_recipe
 from lcmkit.toy.tokenizer import load_toy_tokenizer
 from lcmkit.toy.world import COLOURS, SHAPES, TOY_GUIDANCE_SCALE, sample_scenes
 from lcmkit.train.checkpoint import GeneratorState
-from lcmkit.train.loop import LoopSettings, Trainer, Update
+from lcmkit.train.loop import Update
 from lcmkit.train.session import accelerator_session
 
 TOY_WORDS = ["a", "at", "the", "in", "on", "of", "center", "background", "top", "bottom", "left", "right",
@@ -207,14 +206,7 @@ def flow_prompt_accuracy(pipeline_dir: Path | Any, n: int, steps: int = EULER_ST
 def train_flow_teacher(recipe: FlowTeacherRecipe, resume: bool = True, progress: bool = True) -> dict[str, Any]:
     from diffusers.optimization import get_scheduler
 
-    if recipe.num_threads:
-        torch.set_num_threads(recipe.num_threads)
-    out = Path(recipe.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps({"family": "sd3", **asdict(recipe)}, indent=2))
-    with open(out / "sessions.jsonl", "a") as f:  # where each stretch of a resumed run ran (the model card's CPU)
-        f.write(json.dumps({"time": time.time(), "cpu": cpu_model(), "threads": torch.get_num_threads()}) + "\n")
-    torch.manual_seed(recipe.seed)
+    out = open_run(recipe, {"family": "sd3", **asdict(recipe)})
     vae = toy_flow_vae(recipe.vae)
     clip_tokenizer = load_toy_tokenizer()
     clip_tokenizer.model_max_length = recipe.clip_tokens
@@ -265,22 +257,10 @@ def train_flow_teacher(recipe: FlowTeacherRecipe, resume: bool = True, progress:
                 f.write(json.dumps(result) + "\n")
             tqdm.write(f"step {step}: prompt accuracy {result['prompt_accuracy']:.3f}")
 
-        loop = LoopSettings(max_steps=recipe.steps, batch_size=recipe.batch_size,
-                            checkpoint_every=recipe.checkpoint_every, checkpoints_total_limit=2,
-                            log_every=min(50, recipe.checkpoint_every), progress=progress)  # fmt: skip
-        trainer = Trainer(
-            accelerator, loop, out, [Update("teacher", model, optimizer, lr_scheduler, loss_fn, max_grad_norm=1.0)],
-            LatentBatches(mean, std, rows, recipe.batch_size, recipe.seed),
-            state={"model": model, "ema": ema, "noise": GeneratorState(generator)},
-            on_step_end=update_ema, callback=evaluate, callback_every=recipe.eval_every,
-            description="toy flow teacher",
+        update = Update("teacher", model, optimizer, lr_scheduler, loss_fn, max_grad_norm=1.0)
+        return run_recipe(
+            accelerator, recipe, update, LatentBatches(mean, std, rows, recipe.batch_size, recipe.seed),
+            {"model": model, "ema": ema, "noise": GeneratorState(generator)}, update_ema, evaluate,
+            lambda: save_pipeline(out / "teacher", ema, encoders, vae, tokenizers, recipe.shift), "toy flow teacher",
+            resume, progress,
         )  # fmt: skip
-        if resume:
-            trainer.resume("latest")
-        t0 = time.time()
-        result = trainer.run()
-        save_pipeline(out / "teacher", ema, encoders, vae, tokenizers, recipe.shift)
-        summary = {"steps": result.steps, "session_wall_s": time.time() - t0,
-                   "median_s_per_step": result.median_s_per_step}  # fmt: skip
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary

@@ -208,18 +208,47 @@ def prompt_accuracy_of(
     return {"prompt_accuracy": prompt_accuracy(images, prompts), **attribute_accuracy(images, prompts)}
 
 
-def train_teacher(recipe: TeacherRecipe, resume: bool = True, progress: bool = True) -> dict[str, Any]:
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from diffusers.optimization import get_scheduler
-
+def open_run(recipe: Any, record: dict[str, Any]) -> Path:
+    """Start (or resume) a toy teacher run: its folder, its recipe.json, one more line of sessions.jsonl (where each
+    stretch of a resumed run ran: the model card's CPU), the thread count and the seed."""
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
     out = Path(recipe.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
-    with open(out / "sessions.jsonl", "a") as f:  # where each stretch of a resumed run ran (the model card's CPU)
+    (out / "recipe.json").write_text(json.dumps(record, indent=2))
+    with open(out / "sessions.jsonl", "a") as f:
         f.write(json.dumps({"time": time.time(), "cpu": cpu_model(), "threads": torch.get_num_threads()}) + "\n")
     torch.manual_seed(recipe.seed)
+    return out
+
+
+def run_recipe(
+    accelerator: Any, recipe: Any, update: Update, batches: Any, state: dict[str, Any], update_ema: Any,
+    evaluate: Any, finish: Any, description: str, resume: bool, progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """A toy teacher's training with lcmkit's Trainer: checkpoints (the 2 newest), EMA after each step, an evaluation
+    every recipe.eval_every steps, `finish()` (save the pipeline) at the end; resumes from the latest checkpoint."""
+    out = Path(recipe.out)
+    loop = LoopSettings(max_steps=recipe.steps, batch_size=recipe.batch_size,
+                        checkpoint_every=recipe.checkpoint_every, checkpoints_total_limit=2,
+                        log_every=min(50, recipe.checkpoint_every), progress=progress)  # fmt: skip
+    trainer = Trainer(accelerator, loop, out, [update], batches, state=state, on_step_end=update_ema,
+                      callback=evaluate, callback_every=recipe.eval_every, description=description)  # fmt: skip
+    if resume:
+        trainer.resume("latest")
+    t0 = time.time()
+    result = trainer.run()
+    finish()
+    summary = {"steps": result.steps, "session_wall_s": time.time() - t0, "median_s_per_step": result.median_s_per_step}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def train_teacher(recipe: TeacherRecipe, resume: bool = True, progress: bool = True) -> dict[str, Any]:
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    out = open_run(recipe, asdict(recipe))
     vae = AutoencoderKL.from_pretrained(recipe.vae).eval().requires_grad_(False)
     tokenizer = teacher_tokenizer(recipe)
     cache = out / "latents.safetensors"
@@ -279,24 +308,10 @@ def train_teacher(recipe: TeacherRecipe, resume: bool = True, progress: bool = T
                 f.write(json.dumps(result) + "\n")
             tqdm.write(f"step {step}: prompt accuracy {result['prompt_accuracy']:.3f}")
 
-        loop = LoopSettings(max_steps=recipe.steps, batch_size=recipe.batch_size,
-                            checkpoint_every=recipe.checkpoint_every, checkpoints_total_limit=2,
-                            log_every=min(50, recipe.checkpoint_every), progress=progress)  # fmt: skip
-        trainer = Trainer(
-            accelerator, loop, out, [Update("teacher", model, optimizer, lr_scheduler, loss_fn, max_grad_norm=1.0)],
-            LatentBatches(mean, std, ids, recipe.batch_size, recipe.seed),
-            state={"model": model, "ema": ema, "noise": GeneratorState(generator)},
-            on_step_end=update_ema, callback=evaluate, callback_every=recipe.eval_every, description="toy teacher",
+        update = Update("teacher", model, optimizer, lr_scheduler, loss_fn, max_grad_norm=1.0)
+        return run_recipe(
+            accelerator, recipe, update, LatentBatches(mean, std, ids, recipe.batch_size, recipe.seed),
+            {"model": model, "ema": ema, "noise": GeneratorState(generator)}, update_ema, evaluate,
+            lambda: save_pipeline(out / "teacher", ema["unet"], ema["text_encoder"], vae, tokenizer), "toy teacher",
+            resume, progress,
         )  # fmt: skip
-        if resume:
-            trainer.resume("latest")
-        t0 = time.time()
-        result = trainer.run()
-        save_pipeline(out / "teacher", ema["unet"], ema["text_encoder"], vae, tokenizer)
-        summary = {
-            "steps": result.steps,
-            "session_wall_s": time.time() - t0,
-            "median_s_per_step": result.median_s_per_step,
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
