@@ -201,12 +201,13 @@ def shipped_lora_steps(lora_dir: Path) -> int | None:
 
 
 def columns_for(settings: DemoSettings, base: Any, lcm: Any, shipped: Any = None) -> list[Column]:
+    from lcmkit.families import family_of_pipeline
     from lcmkit.infer.schedulers import teacher_scheduler, with_sampler
 
     teacher = base
     teacher.scheduler = teacher_scheduler(base.scheduler.config, settings.teacher_sampler)
     # a full student with a w input takes the guidance there; a LoRA (or a full SD3 student) has it baked in
-    takes_w = settings.mode == "full" and not settings.flow
+    takes_w = settings.mode == "full" and family_of_pipeline(base).full_student_takes_w
     lcm_guidance = settings.guidance if takes_w else LORA_GUIDANCE_SCALE
     group = f"teacher {'Euler' if settings.flow else 'DPM++'}"
     cols = [Column(f"{group} {n}", group, teacher, n, settings.guidance)

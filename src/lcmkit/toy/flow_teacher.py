@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lcmkit.runtime import dtype_kwarg
-from lcmkit.toy.teacher import LatentBatches, encode_training_set, open_run, run_recipe
+from lcmkit.toy.teacher import LatentBatches, ToyRunRecipe, encode_training_set, open_run, run_recipe
 from lcmkit.toy.tokenizer import load_toy_tokenizer
 from lcmkit.toy.world import COLOURS, SHAPES, TOY_GUIDANCE_SCALE, sample_scenes
 from lcmkit.train.checkpoint import GeneratorState
@@ -43,26 +43,13 @@ EULER_STEPS = 28
 
 
 @dataclass
-class FlowTeacherRecipe:
-    out: str
-    vae: str
-    """Folder of the trained toy VAE (save_pretrained); its 4-channel latents are reused."""
-    steps: int = 15000
-    batch_size: int = 64
+class FlowTeacherRecipe(ToyRunRecipe):
     learning_rate: float = 5e-4
-    warmup_steps: int = 500
-    ema_decay: float = 0.999
-    cond_dropout: float = 0.1
     shift: float = 1.0
     """The scheduler's sigma shift (SD3 uses 3 at 1024 px; 64 latent tokens need none)."""
     logit_mean: float = 0.0
     logit_std: float = 1.0
     """sigma = sigmoid(u), u ~ N(logit_mean, logit_std^2): SD3's logit-normal timestep density."""
-    num_train_images: int = 20000
-    seed: int = 0
-    checkpoint_every: int = 200
-    eval_every: int = 1000
-    eval_images: int = 200
     num_layers: int = 6
     num_heads: int = 4
     head_dim: int = 32
@@ -75,7 +62,6 @@ class FlowTeacherRecipe:
     """Captions are at most ~18 CLIP tokens."""
     t5_tokens: int = 16
     """Captions are at most 12 words, one T5 piece each, plus </s>."""
-    num_threads: int = 0
 
 
 def toy_t5_tokenizer(recipe: FlowTeacherRecipe) -> Any:
@@ -220,7 +206,7 @@ def train_flow_teacher(recipe: FlowTeacherRecipe, resume: bool = True, progress:
         mean, std = data["mean"], data["std"]
         captions = json.loads((out / "captions.json").read_text())
     else:
-        mean, std, captions = encode_training_set(vae, recipe)  # type: ignore[arg-type]
+        mean, std, captions = encode_training_set(vae, recipe)
         save_file({"mean": mean.contiguous(), "std": std.contiguous()}, cache_file)
         (out / "captions.json").write_text(json.dumps(captions))
     text = CaptionCache(captions, tokenizers, encoders)

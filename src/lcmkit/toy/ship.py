@@ -73,12 +73,6 @@ def folder_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
 
-def is_flow_run(run: Path) -> bool:
-    """Whether a teacher run is the toy flow teacher's (lcmkit toy train-flow-teacher)."""
-    recipe = run / "recipe.json"
-    return recipe.is_file() and json.loads(recipe.read_text()).get("family") == "sd3"
-
-
 def ship_teacher(run: Path, out: Path | None = None, n_eval: int = 300, overwrite: bool = False,
                  progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Copy run/teacher to `out` (default: where the package keeps that kind of toy teacher), evaluate it there and
@@ -90,11 +84,11 @@ def ship_teacher(run: Path, out: Path | None = None, n_eval: int = 300, overwrit
     if not (teacher / "model_index.json").is_file():
         raise ConfigError(f"--run {run}: no finished teacher ({teacher}/model_index.json is missing): let "
                           "lcmkit toy train-teacher reach its last step")  # fmt: skip
-    flow = is_flow_run(run)
+    recipe = json.loads((run / "recipe.json").read_text())
+    flow = recipe.get("family") == "sd3"  # a run of lcmkit toy train-flow-teacher
     out = out or (SHIPPED_FLOW_TEACHER if flow else SHIPPED_TEACHER)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"--out {out} already holds a teacher: pass --overwrite to replace it")
-    recipe = json.loads((run / "recipe.json").read_text())
     timing = training_time(run / "logs" / "train_log.jsonl")
     history, sessions = read_jsonl(run / "eval.jsonl"), read_jsonl(run / "sessions.jsonl")
 

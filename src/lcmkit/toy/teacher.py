@@ -41,7 +41,9 @@ SD_SCHEDULE = dict(
 
 
 @dataclass
-class TeacherRecipe:
+class ToyRunRecipe:
+    """What both toy teachers' runs share (the UNet's TeacherRecipe, toy/flow_teacher.py's FlowTeacherRecipe)."""
+
     out: str
     vae: str
     """Folder of the trained toy VAE (save_pretrained)."""
@@ -51,6 +53,17 @@ class TeacherRecipe:
     warmup_steps: int = 500
     ema_decay: float = 0.999
     cond_dropout: float = 0.1
+    """Captions dropped to the empty prompt, for classifier-free guidance."""
+    num_train_images: int = 20000
+    seed: int = 0
+    checkpoint_every: int = 200
+    eval_every: int = 1000
+    eval_images: int = 200
+    num_threads: int = 0
+
+
+@dataclass
+class TeacherRecipe(ToyRunRecipe):
     offset_noise: float = 0.1
     """Std of a per-channel constant added to the noise. The toy's 16x16 latents carry their background in the
     mean, and at t=999 that mean survives the SD schedule about as strongly as plain noise's mean: trained without
@@ -61,17 +74,11 @@ class TeacherRecipe:
     0.02 against 0.23 at initialisation) while top/bottom survived only through their token counts: position stayed
     at chance between left and right (63%). A frozen random encoder keeps every token distinct, and its outputs are
     computed once per caption, which also makes a step ~20% cheaper."""
-    num_train_images: int = 20000
-    seed: int = 0
-    checkpoint_every: int = 200
-    eval_every: int = 1000
-    eval_images: int = 200
     unet_channels: tuple[int, ...] = (32, 64, 128)
     """4.2M parameters: 0.86 s/step at batch 64 on 2 CPU threads, half the cost of (64, 128, 128)."""
     layers_per_block: int = 1
     text_hidden: int = 128
     text_layers: int = 3
-    num_threads: int = 0
     max_tokens: int = 32
     """Captions are at most ~18 CLIP tokens; 32 positions instead of SD's 77 save cross-attention time."""
 
@@ -143,7 +150,7 @@ class FrozenTextCache:
 
 
 @torch.no_grad()
-def encode_training_set(vae: nn.Module, recipe: TeacherRecipe) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def encode_training_set(vae: nn.Module, recipe: ToyRunRecipe) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     scenes = sample_scenes(recipe.num_train_images, recipe.seed)
     means, stds = [], []
     for start in tqdm(range(0, len(scenes), 500), desc="encoding toy images"):
@@ -208,7 +215,7 @@ def prompt_accuracy_of(
     return {"prompt_accuracy": prompt_accuracy(images, prompts), **attribute_accuracy(images, prompts)}
 
 
-def open_run(recipe: Any, record: dict[str, Any]) -> Path:
+def open_run(recipe: ToyRunRecipe, record: dict[str, Any]) -> Path:
     """Start (or resume) a toy teacher run: its folder, its recipe.json, one more line of sessions.jsonl (where each
     stretch of a resumed run ran: the model card's CPU), the thread count and the seed."""
     if recipe.num_threads:
@@ -223,7 +230,7 @@ def open_run(recipe: Any, record: dict[str, Any]) -> Path:
 
 
 def run_recipe(
-    accelerator: Any, recipe: Any, update: Update, batches: Any, state: dict[str, Any], update_ema: Any,
+    accelerator: Any, recipe: ToyRunRecipe, update: Update, batches: Any, state: dict[str, Any], update_ema: Any,
     evaluate: Any, finish: Any, description: str, resume: bool, progress: bool,
 ) -> dict[str, Any]:  # fmt: skip
     """A toy teacher's training with lcmkit's Trainer: checkpoints (the 2 newest), EMA after each step, an evaluation
