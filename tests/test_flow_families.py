@@ -165,9 +165,35 @@ def test_generate_with_the_lora_and_the_full_student(teachers, lora_runs, tmp_pa
     assert [np.asarray(x).tolist() for x in a] == [np.asarray(x).tolist() for x in b]  # seeded, also the re-noising
     teacher = gen.teacher(["a red square"], steps=3, guidance=3.0, width=64, height=64, sampler="euler")
     assert np.abs(np.asarray(teacher[0], float) - np.asarray(a[0], float)).max() > 0
-    err = "--scheduler tcd: a rectified-flow model (SD3, FLUX) samples with FlowMatchLCMScheduler"
+    err = "--scheduler tcd: diffusers has no TCD scheduler for a rectified-flow model (SD3, FLUX)"
     with pytest.raises(Exception, match=err.replace("(", r"\(").replace(")", r"\)")):
         FewStepGenerator(teachers[name], [(str(lora_runs[name]), 1.0)], scheduler="tcd")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_euler_sampler_steps_deterministically_on_the_training_grid(teachers, lora_runs, name):
+    """--scheduler euler: a flow student's deterministic sampler (flow TCD at gamma 0, PCM's own) is diffusers'
+    FlowMatchEulerDiscreteScheduler on the student's training grid: for 4 steps on N = 50, the sigmas the
+    TCDScheduler of a UNet visits, (999, 759, 499, 259 + 1) / 1000, under the teacher's shift; no re-noising, so
+    the image does not depend on torch's global generator; it is not the LCM sampler's image."""
+    from lcmkit.core.flow import shift_sigmas
+    from lcmkit.infer.generator import FewStepGenerator
+
+    gen = FewStepGenerator(teachers[name], [(str(lora_runs[name]), 1.0)], scheduler="euler")
+    assert type(gen.pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    torch.manual_seed(0)
+    a = gen(["a red square"], steps=4, width=64, height=64)
+    sigmas = gen.pipe.scheduler.sigmas
+    torch.manual_seed(123)
+    b = gen(["a red square"], steps=4, width=64, height=64)
+    assert np.asarray(a[0]).tolist() == np.asarray(b[0]).tolist()
+    if name == "sd3":  # FLUX shifts by resolution (dynamic shifting); SD3 by its config's shift
+        expected = shift_sigmas(torch.tensor([1.0, 0.76, 0.5, 0.26]), gen.pipe.scheduler.config.shift)
+        torch.testing.assert_close(sigmas[:-1].float(), expected.float())
+        assert float(sigmas[-1]) == 0.0
+    gen.set_scheduler("lcm")
+    lcm = gen(["a red square"], steps=4, width=64, height=64)
+    assert np.abs(np.asarray(lcm[0], float) - np.asarray(a[0], float)).max() > 0
 
 
 def test_flux_cache_trains_as_the_raw_images(tiny_flux, tmp_path):
@@ -255,12 +281,14 @@ def test_eval_and_bench_take_flow_models(teachers, lora_runs, tmp_path, capsys, 
     prompts.write_text("a red square\na blue square\n")
     out = tmp_path / "eval"
     assert run_cli("eval", "--teacher", teachers[name], "--lora", str(lora_runs[name]), "--prompts", str(prompts),
-                   "--resolution", "64", "--quick", "--out", str(out), "--no-progress") == 0  # fmt: skip
+                   "--resolution", "64", "--quick", "--out", str(out), "--no-progress", "--lcm-samplers",
+                   "lcm,euler") == 0  # fmt: skip
     record = json.loads((out / "eval.json").read_text())
     assert record["reference"] == "teacher Euler 50"
     guidance = {row["group"]: row["guidance"] for row in record["columns"]}
-    assert guidance == {"LCM-LoRA": 3.5 if name == "flux" else 1.0, "teacher Euler": 3.5 if name == "flux" else 7.0,
-                        "teacher DPM++": 3.5 if name == "flux" else 7.0}  # fmt: skip
+    student, teacher = (3.5, 3.5) if name == "flux" else (1.0, 7.0)
+    assert guidance == {"LCM-LoRA": student, "LCM-LoRA Euler": student, "teacher Euler": teacher,
+                        "teacher DPM++": teacher}  # fmt: skip
     capsys.readouterr()
     assert run_cli("bench", "generate", "--teacher", teachers[name], "--lora", str(lora_runs[name]), "--resolution",
                    "64", "--repeats", "1", "--warmup", "0") == 0  # fmt: skip

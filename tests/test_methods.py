@@ -313,3 +313,40 @@ def test_watch_quality_on_the_toy_world_scores_the_probe_metrics(shards, tmp_pat
     for n in (1, 2):
         assert 0 <= row[f"quality/prompt_accuracy_{n}"] <= 1 and np.isfinite(row[f"quality/psnr_{n}"])
     assert any(key.startswith("quality/probe_fd") for key in row)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_flow_euler_grid_is_the_tcdscheduler_grid(steps):
+    """A flow student's Euler sigmas (infer/sampling.grid_sigmas) are the points a UNet's TCDScheduler visits on the
+    same N-point grid, (t + 1) / 1000, and for PCM the phase edges it was trained between."""
+    from diffusers import TCDScheduler
+
+    from lcmkit.infer.sampling import grid_sigmas
+    from lcmkit.methods.tcd import phase_edges
+
+    tcd = TCDScheduler(num_train_timesteps=1000, original_inference_steps=50)
+    tcd.set_timesteps(steps)
+    assert grid_sigmas(steps, 50) == pytest.approx([(int(t) + 1) / 1000 for t in tcd.timesteps])
+    assert grid_sigmas(steps, 50) == pytest.approx([int(i) / 50 for i in phase_edges(50, steps).flip(0)[:-1]])
+
+
+
+def test_validation_draws_a_flow_pcm_student_edge_to_edge(tiny_sd3, shards, tmp_path, monkeypatch):
+    """A flow PCM student is drawn with deterministic Euler steps between its phase edges (diffusers has no flow TCD
+    scheduler): FlowMatchEulerDiscreteScheduler with the edges' sigmas for each validation step count."""
+    import lcmkit.distill.validation as validation
+
+    seen = []
+    real = validation.run_batched
+
+    def spy(pipe, *args, **kwargs):
+        seen.append((type(pipe.scheduler).__name__, kwargs["num_inference_steps"], kwargs.get("sigmas")))
+        return real(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(validation, "run_batched", spy)
+    args = ["--method", "pcm", "--num-phases", "2", "--max-steps", "2", "--validation-every", "2",
+            "--validation-prompts", "a red square", "--validation-steps", "1", "2", "--num-ddim-timesteps", "10"]
+    assert run_cli(*distill_args(tiny_sd3, shards, tmp_path / "run", "lora", *args)) == 0
+    assert seen == [("FlowMatchEulerDiscreteScheduler", 1, [1.0]), ("FlowMatchEulerDiscreteScheduler", 2, [1.0, 0.5])]
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "num_inference_steps=2, sigmas=[1, 0.5]" in card and "--scheduler euler" in card

@@ -33,7 +33,8 @@ EVAL = Flags(
         "teacher_samplers": {"text": split_list,
                              "help": "teacher samplers: ddim, dpm++, euler (a flow teacher: euler for ddim)"},
         "lcm_samplers": {"text": split_list,
-                         "help": "the distilled model's samplers: lcm (LCMScheduler), tcd (TCDScheduler) or both"},
+                         "help": "the distilled model's samplers: lcm (LCMScheduler), tcd (TCDScheduler), euler "
+                         "(a flow model's deterministic steps on its training grid)"},
         "tcd_gamma": {"help": "TCD's gamma (0: deterministic; 1: LCM's sampling)"},
         "seed": {"help": "image i starts from the noise of seed + i"},
         "size": {"flag": "--resolution", "help": RESOLUTION_HELP},

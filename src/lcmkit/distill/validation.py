@@ -4,6 +4,7 @@ users see LCM quality fall as training goes on, so the best-scoring weights are 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from lcmkit.families.models import LCDModels
 from lcmkit.families.teacher import Teacher
 from lcmkit.infer.images import image_grid
 from lcmkit.infer.pipelines import generate, lcm_pipeline, run_batched
-from lcmkit.infer.sampling import SamplingFacts, default_guidance_scale
+from lcmkit.infer.sampling import SamplingFacts, default_guidance_scale, grid_sigmas
 from lcmkit.measure.eval import agreement
 
 BEST = "best"
@@ -38,12 +39,13 @@ class Validator:
         unet = self.models.student_net
         guidance = default_guidance_scale(self.models.mode == "full", self.teacher.family)
         pipe = lcm_pipeline(self.teacher, unet, cfg.lcd.num_ddim_timesteps)
-        extra = self.method_sampler(pipe)
+        options = self.method_sampler(pipe)
         unet.eval()
         try:
             columns = [
                 run_batched(pipe, cfg.train.validation_prompts, cfg.train.seed, 16, num_inference_steps=n,
-                            guidance_scale=guidance, height=cfg.data.resolution, width=cfg.data.resolution, **extra)
+                            guidance_scale=guidance, height=cfg.data.resolution, width=cfg.data.resolution,
+                            **options(n))
                 for n in cfg.train.validation_steps
             ]  # fmt: skip
         finally:
@@ -65,18 +67,22 @@ class Validator:
                 tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
         return path
 
-    def method_sampler(self, pipe: Any) -> dict[str, Any]:
-        """A UNet student of TCD or PCM is drawn (and scored) on its own sampler: TCDScheduler at the method's eta
-        (flow students stay on FlowMatchLCMScheduler: diffusers has no flow TCD scheduler)."""
-        from diffusers import TCDScheduler
+    def method_sampler(self, pipe: Any) -> Callable[[int], dict[str, Any]]:
+        """A student of TCD or PCM is drawn (and scored) on its own sampler: a UNet one on TCDScheduler at the
+        method's eta; a flow one (diffusers has no flow TCD scheduler) with deterministic Euler steps on its training
+        grid, a PCM student's phase edges. Returns the pipeline arguments for n steps."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, TCDScheduler
 
         from lcmkit.methods import METHODS
 
-        method = METHODS[self.cfg.method]
-        if self.teacher.family.flow or method.scheduler != "TCDScheduler":
-            return {}
+        method, grid = METHODS[self.cfg.method], self.cfg.lcd.num_ddim_timesteps
+        if method.scheduler != "TCDScheduler":
+            return lambda n: {}
+        if self.teacher.family.flow:
+            pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+            return lambda n: {"sigmas": grid_sigmas(n, grid)}
         pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
-        return {"eta": method.eta}
+        return lambda n: {"eta": method.eta}
 
     def reference_images(self) -> list[Any]:
         """The teacher's images of the validation prompts and seeds: its deterministic sampler (DDIM, a flow

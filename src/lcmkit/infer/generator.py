@@ -17,6 +17,8 @@ from lcmkit.infer.pipelines import compile_for_inference, denoiser_of, lcm_pipel
 from lcmkit.infer.sampling import (
     DEFAULT_TCD_GAMMA,
     default_guidance_scale,
+    full_lcm_ddim_timesteps,
+    grid_sigmas,
     lcm_lora_ddim_timesteps,
 )  # fmt: skip
 from lcmkit.infer.schedulers import LCM_SAMPLERS, check_tcd_gamma, few_step_scheduler, teacher_scheduler
@@ -57,11 +59,12 @@ class FewStepGenerator:
         self.full = lcm is not None
         if lcm is not None:
             self.pipe, self.family_spec = self._load_full(lcm, base_config, allow_pickle)
+            self.num_ddim_timesteps = num_ddim_timesteps or full_lcm_ddim_timesteps(lcm)
         else:
             teacher = load_teacher(ModelConfig(teacher=base, teacher_config=base_config, allow_pickle=allow_pickle))
             self.family_spec = teacher.family
-            n = num_ddim_timesteps or lcm_lora_ddim_timesteps(loras)
-            self.pipe = lcm_pipeline(teacher, teacher.denoiser, n)
+            self.num_ddim_timesteps = num_ddim_timesteps or lcm_lora_ddim_timesteps(loras)
+            self.pipe = lcm_pipeline(teacher, teacher.denoiser, self.num_ddim_timesteps)
         self.family = self.family_spec.name
         self.adapters: list[tuple[str, float]] = []
         for i, (path, weight) in enumerate(loras):
@@ -188,6 +191,8 @@ class FewStepGenerator:
             kwargs["negative_prompt"] = negative_prompt
         if self.scheduler_name == "tcd":
             kwargs["eta"] = tcd_gamma
+        if self.scheduler_name == "euler":  # a flow student's deterministic steps, on its training grid
+            kwargs["sigmas"] = grid_sigmas(steps, self.num_ddim_timesteps)
         if init_image is not None:
             if self._img2img is None:
                 from diffusers import AutoPipelineForImage2Image

@@ -11,7 +11,7 @@ from lcmkit.core.solver import guidance_scale as guidance_scale  # re-exported: 
 from lcmkit.core.solver import w_of as w_of
 from lcmkit.families.base import Family
 from lcmkit.methods.lcd import LCDSettings
-from lcmkit.methods.tcd import TCD
+from lcmkit.methods.tcd import TCD, phase_edges
 
 FULL_LCM_GUIDANCE_SCALE = 8.5
 """A full LCM's guidance_scale when none is given: diffusers' LatentConsistencyModelPipeline default (w = 7.5)."""
@@ -34,6 +34,14 @@ def flow_sigmas(steps: int) -> list[float]:
     FlowMatchEulerDiscreteScheduler's runs from 1 to 1/1000: 2 Euler steps are 1 -> 0.001 -> 0, one step in effect.
     lcmkit samples both the distilled model and the teacher's Euler on these."""
     return [1.0 - i / steps for i in range(steps)]
+
+
+def grid_sigmas(steps: int, num_ddim_timesteps: int) -> list[float]:
+    """The sigmas (before the scheduler's shift) of a flow student's `steps` Euler steps on its N-point training
+    grid: the grid points (N - floor(j N / steps)) / N, j < steps, which TCDScheduler visits for a UNet. They are a
+    PCM student's phase edges, where it was trained to step from edge to edge."""
+    edges = phase_edges(num_ddim_timesteps, min(steps, num_ddim_timesteps))
+    return [float(i) / num_ddim_timesteps for i in edges.flip(0)[:-1].tolist()]
 
 
 def default_guidance_scale(full: bool, family: Family | None = None) -> float:
@@ -89,6 +97,20 @@ def sampling_facts(path: str | Path) -> SamplingFacts | None:
     if not (isinstance(n, int) and n >= 1):
         return None
     return SamplingFacts(n, lcd.get("w_min"), lcd.get("w_max"))
+
+
+def full_lcm_ddim_timesteps(folder: str | Path) -> int:
+    """N of a full student's grid, from the run record beside its pipeline/ (a distill output), else LCD's default
+    (a full UNet LCM's scheduler config carries it as original_inference_steps too)."""
+    p = Path(folder).expanduser()
+    for record in (p / "lcmkit_run.json", p.parent / "lcmkit_run.json"):
+        try:
+            n = json.loads(record.read_text())["config"]["lcd"]["num_ddim_timesteps"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(n, int) and n >= 1:
+            return n
+    return SamplingFacts.num_ddim_timesteps
 
 
 def lcm_lora_ddim_timesteps(loras: list[tuple[str, float]]) -> int:

@@ -1,5 +1,5 @@
 """Samplers: the teacher's (DDIM, DPM-Solver++, Euler) and a distilled model's (LCMScheduler, TCDScheduler; for a
-rectified-flow model FlowMatchLCMScheduler)."""
+rectified-flow model FlowMatchLCMScheduler, or Euler on its training grid)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from typing import Any
 SAMPLERS = ("ddim", "dpm++", "euler")
 
 
-LCM_SAMPLERS = ("lcm", "tcd")
+LCM_SAMPLERS = ("lcm", "tcd", "euler")
+"""A distilled model's samplers: lcm (LCMScheduler; a flow model's FlowMatchLCMScheduler), tcd (TCDScheduler, UNet
+models) and euler (a flow model's deterministic sampler: FlowMatchEulerDiscreteScheduler on its training grid, what
+TCD at gamma 0 is for a flow model and what a flow PCM student was trained for)."""
 
 
 def is_flow(config: Any) -> bool:
@@ -57,18 +60,23 @@ def flow_teacher_scheduler(config: Any, sampler: str) -> Any:
 def few_step_scheduler(config: Any, sampler: str) -> Any:
     """A distilled model's sampler over `config`'s noise schedule: LCMScheduler (the LCM paper's multistep
     consistency sampling), or TCDScheduler (Zheng et al. 2024's strategic stochastic sampling: each step goes
-    back to an intermediate time set by gamma, passed to the pipeline as eta; gamma 1 is LCM's sampling)."""
-    from diffusers import FlowMatchLCMScheduler, LCMScheduler, TCDScheduler
+    back to an intermediate time set by gamma, passed to the pipeline as eta; gamma 1 is LCM's sampling).
+    A rectified-flow model: FlowMatchLCMScheduler (lcm), or FlowMatchEulerDiscreteScheduler (euler; the caller
+    passes the grid's sigmas, infer/sampling.grid_sigmas)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, LCMScheduler, TCDScheduler
 
     from lcmkit.errors import ConfigError
 
     if sampler not in LCM_SAMPLERS:
         raise ConfigError(f"sampler {sampler!r}: choose one of {', '.join(LCM_SAMPLERS)}")
     if is_flow(config):
-        if sampler != "lcm":
-            raise ConfigError(f"--scheduler {sampler}: a rectified-flow model (SD3, FLUX) samples with "
-                              "FlowMatchLCMScheduler: use --scheduler lcm")  # fmt: skip
-        return FlowMatchLCMScheduler.from_config(config)
+        if sampler == "tcd":
+            raise ConfigError("--scheduler tcd: diffusers has no TCD scheduler for a rectified-flow model (SD3, "
+                              "FLUX); use lcm, or euler (deterministic: TCD at gamma 0)")  # fmt: skip
+        return (FlowMatchLCMScheduler if sampler == "lcm" else FlowMatchEulerDiscreteScheduler).from_config(config)
+    if sampler == "euler":
+        raise ConfigError("--scheduler euler is a rectified-flow model's deterministic sampler; a UNet model's is "
+                          "--scheduler tcd --tcd-gamma 0")  # fmt: skip
     return (LCMScheduler if sampler == "lcm" else TCDScheduler).from_config(config)
 
 

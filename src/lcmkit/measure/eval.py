@@ -447,7 +447,9 @@ def legend(columns: list[Column]) -> str:
     """What the table's columns mean (written under it in the .md report)."""
     lines = [
         "- sampler: the model and scheduler; `teacher DDIM` / `teacher DPM++` are the teacher with classifier-free "
-        "guidance, `LCM` the distilled model on LCMScheduler, `TCD` on TCDScheduler, `shipped` a LoRA made earlier.",
+        "guidance, `LCM` the distilled model on LCMScheduler (a flow model's FlowMatchLCMScheduler), `TCD` on "
+        "TCDScheduler, `Euler` a flow model's deterministic Euler steps on its training grid, `shipped` a LoRA made "
+        "earlier.",
         "- steps: denoising steps (each costs one network call; the teacher's two with guidance).",
         "- guidance: the guidance_scale passed to the pipeline (1 = no classifier-free guidance pass).",
         *(f"- {METRICS[m][0]}: {METRICS[m][2]}." for m in common_metrics(columns)),
@@ -482,7 +484,8 @@ class EvalSettings:
     """The teacher's step counts (default: `steps` plus `reference_steps`); without 50 (DDIM) no agreement metrics."""
     teacher_samplers: tuple[str, ...] = ("ddim", "dpm++")
     lcm_samplers: tuple[str, ...] = ("lcm",)
-    """The distilled model's samplers: lcm (LCMScheduler) and/or tcd (TCDScheduler with `tcd_gamma`)."""
+    """The distilled model's samplers: lcm (LCMScheduler), tcd (TCDScheduler with `tcd_gamma`), euler (a flow
+    model's deterministic Euler on its training grid)."""
     tcd_gamma: float = DEFAULT_TCD_GAMMA
     guidance: float | None = None
     """The teacher's guidance scale (default: its family's, e.g. 7.5 for SD; and a full UNet LCM's w input unless
@@ -524,6 +527,8 @@ class EvalSettings:
 
 REFERENCE_STEPS = 50
 TEACHER_SAMPLERS = {"ddim": "teacher DDIM", "dpm++": "teacher DPM++", "euler": "teacher Euler"}
+SAMPLER_LABELS = {"lcm": "", "tcd": "TCD", "euler": "Euler"}
+"""The distilled model's column names by sampler: "LCM-LoRA 4", "LCM-LoRA TCD 4", "LCM-LoRA Euler 4"."""
 
 
 def build_columns(settings: EvalSettings) -> list[Column]:
@@ -532,6 +537,7 @@ def build_columns(settings: EvalSettings) -> list[Column]:
     from lcmkit.families.teacher import ModelConfig, load_teacher
     from lcmkit.infer.generator import distilled_pipeline
     from lcmkit.infer.pipelines import teacher_pipeline
+    from lcmkit.infer.sampling import full_lcm_ddim_timesteps, grid_sigmas, lcm_lora_ddim_timesteps
     from lcmkit.infer.schedulers import reference_sampler, teacher_scheduler
     from lcmkit.runtime import pick_device, pick_dtype
 
@@ -545,10 +551,13 @@ def build_columns(settings: EvalSettings) -> list[Column]:
         pipe, name, w = distilled_pipeline(
             s.teacher, s.lora, s.lcm, s.teacher_config, device, s.dtype, guidance, s.lcm_guidance
         )
+        grid = full_lcm_ddim_timesteps(s.lcm) if s.lcm else lcm_lora_ddim_timesteps([(s.lora, 1.0)])
         for sampler in settings.lcm_samplers:
-            group, options = (name, {}) if sampler == "lcm" else (f"{name} TCD", {"eta": settings.tcd_gamma})
+            group = f"{name} {SAMPLER_LABELS[sampler]}".rstrip()
             sampler_pipe = with_sampler(pipe, sampler)
-            columns += [Column(f"{group} {n}", group, sampler_pipe, n, w, options) for n in settings.steps]
+            for n in settings.steps:
+                options = {"lcm": {}, "tcd": {"eta": settings.tcd_gamma}, "euler": {"sigmas": grid_sigmas(n, grid)}}
+                columns.append(Column(f"{group} {n}", group, sampler_pipe, n, w, options[sampler]))
     chosen = settings.teacher_steps
     teacher_steps = sorted({*settings.steps, *settings.reference_steps} if chosen is None else {*chosen})
     reference = reference_sampler(teacher.scheduler.config)

@@ -13,7 +13,7 @@ from typing import Any
 from lcmkit.errors import ConfigError
 from lcmkit.families import get_family
 from lcmkit.families.base import Family
-from lcmkit.infer.sampling import LCMSCHEDULER_DEFAULT_GRID, default_guidance_scale, guidance_scale
+from lcmkit.infer.sampling import LCMSCHEDULER_DEFAULT_GRID, default_guidance_scale, grid_sigmas, guidance_scale
 from lcmkit.methods import METHODS
 from lcmkit.methods.lcd import LCDSettings
 from lcmkit.methods.tcd import PCMSettings
@@ -270,9 +270,14 @@ def method_text(cfg: dict[str, Any], family: Family) -> str:
     """What sampling a TCD or PCM student needs beyond the family's advice."""
     method = cfg.get("method", "lcd")
     if family.flow and method in ("tcd", "pcm"):
+        n = cfg.get("lcd", {}).get("num_ddim_timesteps", LCDSettings.num_ddim_timesteps)
+        k = cfg["pcm"]["num_phases"] if method == "pcm" else 4
+        sigmas = ", ".join(f"{s:g}" for s in grid_sigmas(k, n))
         return (f" Distilled with {method.upper()}: diffusers has no flow-matching TCD scheduler, so the snippet's "
-                "FlowMatchLCMScheduler is an approximation; deterministic Euler steps between the trained end points "
-                "(FlowMatchEulerDiscreteScheduler with those sigmas) match training (docs/methods.md).")
+                "FlowMatchLCMScheduler is an approximation. Deterministic Euler steps between the trained end "
+                "points match training: FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config) and "
+                f"`num_inference_steps={k}, sigmas=[{sigmas}]` (the {n}-point grid's "
+                f"{'phase edges' if method == 'pcm' else 'points'}); `lcmkit generate --scheduler euler` does this.")
     if method == "pcm":
         k = cfg["pcm"]["num_phases"]
         return (f" Distilled with phased consistency (PCM, {k} phases): sample in exactly {k} step{'s' * (k > 1)} with "
