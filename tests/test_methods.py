@@ -227,18 +227,21 @@ def test_quality_is_watched_and_the_best_weights_kept(tiny_sd, shards, tmp_path,
     assert "--validation-every" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_adversarial_term_trains_a_discriminator_and_resumes_exactly(tiny_sd, tiny_sdxl, shards, tmp_path, family,
-                                                                     mode):  # fmt: skip
+def test_adversarial_term_trains_a_discriminator_and_resumes_exactly(tiny_sd, tiny_sdxl, tiny_sd3, shards, tmp_path,
+                                                                     family, mode):  # fmt: skip
     """--adversarial-weight: a discriminator on the teacher's own features is trained as a second update (its loss
     logged), lambda ramps over the warm-up, and a run stopped after its step-3 checkpoint and resumed retraces the
-    uninterrupted one: discriminator, its optimizer and the warm-up counter are in the checkpoint."""
+    uninterrupted one: discriminator, its optimizer and the warm-up counter are in the checkpoint. SD3: the heads
+    read the joint blocks' image tokens as maps."""
     import json
 
-    teacher = tiny_sd if family == "sd" else tiny_sdxl
+    teacher = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3}[family]
     common = ["--adversarial-weight", "0.5", "--adversarial-warmup", "4", "--checkpoint-every", "3", "--method",
               "lcd" if mode == "lora" else "tcd"]  # fmt: skip
+    if family == "sd3" and mode == "full":  # a full SD3 student learns one guidance scale
+        common += ["--w-min", "3.5", "--w-max", "3.5"]
     whole, stopped = tmp_path / "a", tmp_path / "b"
     assert run_cli(*distill_args(teacher, shards, whole, mode, *common, "--max-steps", "6")) == 0
     rows = [json.loads(line) for line in (whole / "logs" / "train_log.jsonl").read_text().splitlines()]
@@ -350,3 +353,23 @@ def test_validation_draws_a_flow_pcm_student_edge_to_edge(tiny_sd3, shards, tmp_
     assert seen == [("FlowMatchEulerDiscreteScheduler", 1, [1.0]), ("FlowMatchEulerDiscreteScheduler", 2, [1.0, 0.5])]
     card = (tmp_path / "run" / "README.md").read_text()
     assert "num_inference_steps=2, sigmas=[1, 0.5]" in card and "--scheduler euler" in card
+
+
+def test_token_map_inverts_the_patch_embedding_layout():
+    """SD3's PatchEmbed flattens its (B, D, H / p, W / p) conv output row-major into tokens (flatten(2).transpose(1,
+    2)); the discriminator's map of a joint block's image tokens undoes exactly that. Blocks are picked evenly, the
+    last included."""
+    from lcmkit.families.transformer import feature_modules, token_map
+
+    grid = torch.randn(2, 8, 3, 5)
+    tokens = grid.flatten(2).transpose(1, 2)
+    z_t = torch.zeros(2, 16, 6, 10)  # patch size 2
+    assert torch.equal(token_map((None, tokens), z_t), grid)
+
+    class Net(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.transformer_blocks = torch.nn.ModuleList(torch.nn.Identity() for _ in range(n))
+
+    assert feature_modules(Net(24)) == [f"transformer_blocks.{i}" for i in (6, 12, 17, 23)]
+    assert feature_modules(Net(3)) == [f"transformer_blocks.{i}" for i in range(3)]

@@ -180,7 +180,7 @@ def adversarial(
     family, size = teacher.family, cfg.data.resolution
     if family.feature_modules is None:
         raise ConfigError(f"--adversarial-weight: the adversarial term is not available for {family.label} teachers "
-                          "yet (SD and SDXL only)")  # fmt: skip
+                          "yet (SD, SDXL and SD3 only)")  # fmt: skip
     features = teacher_features(models)
     device = accelerator.device
     latent = size // teacher.vae_downsampling

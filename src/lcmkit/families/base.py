@@ -68,6 +68,9 @@ class Family:
     """(B, C, H, W) latents -> what its pipeline's `latents` argument takes (FLUX: packed tokens), if not those."""
     feature_modules: Callable[[nn.Module], list[str]] | None = None
     """The denoiser's modules whose outputs an adversarial discriminator reads (None: not supported yet)."""
+    feature_map: Callable[[Any, Tensor], Tensor] | None = None
+    """(one feature module's output, the noised latent z_t) -> a (B, C, H, W) map, if the output is not one (a
+    transformer block's image tokens)."""
     text_encoder_labels: Mapping[str, str] = field(default_factory=dict)
     """What each text encoder is, for messages: text_encoder_2 -> T5."""
     time_ids: bool = False

@@ -130,7 +130,10 @@ def teacher_features(models: LCDModels) -> Any:
         outputs: list[Tensor] = []
 
         def keep(module: nn.Module, args: Any, out: Any) -> None:
-            outputs.append(out[0] if isinstance(out, tuple) else out)
+            if family.feature_map is not None:
+                outputs.append(family.feature_map(out, z_t))
+            else:
+                outputs.append(out[0] if isinstance(out, tuple) else out)
 
         hooks = [modules[name].register_forward_hook(keep) for name in names]
         try:

@@ -9,7 +9,14 @@ from torch import Tensor, nn
 
 from lcmkit.families.base import Family
 from lcmkit.families.conditioning import Conditioning
-from lcmkit.families.transformer import JOINT_ATTENTION_TARGETS, copy_student, pooled, weights_dtype
+from lcmkit.families.transformer import (
+    JOINT_ATTENTION_TARGETS,
+    copy_student,
+    feature_modules,
+    pooled,
+    token_map,
+    weights_dtype,
+)
 
 
 def encode_text(token_ids: list[Tensor], encoders: list[nn.Module]) -> tuple[Tensor, Tensor]:
@@ -51,6 +58,8 @@ SD3 = Family(
     call=denoise,
     full_student=copy_student,
     lora_targets=JOINT_ATTENTION_TARGETS,
+    feature_modules=feature_modules,
+    feature_map=token_map,
     guidance_range=(2.5, 6.0),
     teacher_guidance=7.0,
     denoiser="transformer",

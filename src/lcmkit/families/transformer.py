@@ -32,3 +32,20 @@ def pooled(cond: Conditioning, family: str) -> torch.Tensor:
     if cond.pooled is None:
         raise ConfigError(f"{family} conditioning needs a pooled text embedding (re-encode, or rebuild the cache)")
     return cond.pooled
+
+
+def feature_modules(transformer: nn.Module, count: int = 4) -> list[str]:
+    """Up to `count` joint blocks, evenly spaced and the last included: the teacher features of an adversarial
+    discriminator (each block's image tokens)."""
+    n = len(transformer.transformer_blocks)
+    picks = sorted({round((n - 1) * (i + 1) / count) for i in range(count)}) if n > count else range(n)
+    return [f"transformer_blocks.{i}" for i in picks]
+
+
+def token_map(out: tuple[torch.Tensor | None, torch.Tensor], z_t: torch.Tensor) -> torch.Tensor:
+    """A joint block's output (text tokens, image tokens) -> its image tokens as a (B, D, H / p, W / p) map, p the
+    patch size (SD3's patch embedding, FLUX's 2x2 packing): the tokens are in row-major order of the patch grid."""
+    tokens = out[1]
+    (b, n, d), (h, w) = tokens.shape, z_t.shape[-2:]
+    p = round((h * w / n) ** 0.5)
+    return tokens.reshape(b, h // p, w // p, d).permute(0, 3, 1, 2)
