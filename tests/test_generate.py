@@ -171,7 +171,7 @@ def test_refusals(tiny_sd, tiny_sdxl, sd_lora, sdxl_lora, tmp_path, capsys):
         (["--lora", str(tmp_path / "missing.safetensors")], "does not exist"),
         (["--steps", "-1"], "--steps -1"),
         (["--scheduler", "tcd", "--tcd-gamma", "1.5"], "--tcd-gamma 1.5"),
-        (["--scheduler", "euler"], "--scheduler tcd --tcd-gamma 0"),
+        (["--scheduler", "euler"], "sampler euler is a rectified-flow model's"),
         (["--image", __file__, "--strength", "1.5"], "not a readable image"),
     ]
     for extra, message in cases:

@@ -75,8 +75,8 @@ def few_step_scheduler(config: Any, sampler: str) -> Any:
                               "FLUX); use lcm, or euler (deterministic: TCD at gamma 0)")  # fmt: skip
         return (FlowMatchLCMScheduler if sampler == "lcm" else FlowMatchEulerDiscreteScheduler).from_config(config)
     if sampler == "euler":
-        raise ConfigError("--scheduler euler is a rectified-flow model's deterministic sampler; a UNet model's is "
-                          "--scheduler tcd --tcd-gamma 0")  # fmt: skip
+        raise ConfigError("sampler euler is a rectified-flow model's deterministic sampler; a UNet model's is TCD "
+                          "at gamma 0: --scheduler tcd --tcd-gamma 0 (eval: --lcm-samplers tcd)")  # fmt: skip
     return (LCMScheduler if sampler == "lcm" else TCDScheduler).from_config(config)
 
 
