@@ -133,8 +133,8 @@ def test_quick_presets_stay_under_given_flags():
     assert (settings.steps, settings.overwrite, settings.n_train, settings.flow) == (5, False, 200, False)
     flow = DemoSettings.make(True, **DEMO.values(build_parser().parse_args(["demo", "--quick", "--flow",
                                                                            "--teacher-steps", "10"])))  # fmt: skip
-    assert (flow.flow, flow.teacher_steps, flow.teacher_few_steps, flow.tcd_steps, flow.n_train, flow.out) == (
-        True, 10, [1, 2, 4], [], 200, "runs/demo-flow")  # fmt: skip
+    assert (flow.flow, flow.teacher_steps, flow.teacher_few_steps, flow.tcd_steps, flow.euler_steps, flow.n_train,
+            flow.out) == (True, 10, [1, 2, 4], [], [2, 4], 200, "runs/demo-flow")  # fmt: skip
 
 
 @dataclass

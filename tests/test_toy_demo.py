@@ -116,11 +116,14 @@ def test_quick_flow_demo_shows_the_teachers_euler_beside_the_distilled_model(tmp
     record = json.loads((out / "metrics.json").read_text())
     labels = [c["label"] for c in record["columns"]]
     assert labels == ["teacher Euler 28", "teacher Euler 1", "teacher Euler 2", "teacher Euler 4", "LCM 1", "LCM 2",
-                      "LCM 4"]  # fmt: skip
+                      "LCM 4", "LCM Euler 2", "LCM Euler 4"]  # fmt: skip
     assert record["flow"] and all(c["probe_fd"] > 0 for c in record["columns"])
-    lcm = {c["label"]: c for c in record["columns"]}["LCM 4"]
+    by_label = {c["label"]: c for c in record["columns"]}
+    assert by_label["LCM Euler 2"]["probe_fd"] != by_label["LCM 2"]["probe_fd"]  # another sampler, other images
+    assert "Euler n: the same model on Euler steps" in printed
+    lcm = by_label["LCM 4"]
     assert lcm["guidance"] == 1.0  # the LoRA learnt the teacher's guided ODE: no CFG at sampling
     run = json.loads((out / "lcm-lora" / "lcmkit_run.json").read_text())
     assert run["family"] == "sd3" and run["config"]["lcd"]["w_min"] == run["config"]["lcd"]["w_max"] == 4.0
     assert lora_pipeline(teacher, out / "lcm-lora").scheduler.__class__.__name__ == "FlowMatchLCMScheduler"
-    assert Image.open(out / "grid.png").width >= 7 * 96 and (out / "quality.png").is_file()
+    assert Image.open(out / "grid.png").width >= 9 * 96 and (out / "quality.png").is_file()

@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     result = run_demo(settings)
     print(result["table"])
     tcd = f"TCD n: the same model on TCDScheduler (gamma {settings.tcd_gamma:g}); " if settings.tcd_steps else ""
+    if settings.euler_steps:
+        tcd += "Euler n: the same model on Euler steps over its training grid; "
     sampler = "its own Euler" if settings.flow else "DPM-Solver++"
     print(f"LCM n: distilled in this run ({result['distill_steps']} steps, {result['distill_s']:.0f} s), n sampling "
           f"steps; {tcd}teacher: {sampler} with guidance.")  # fmt: skip

@@ -28,7 +28,7 @@ from lcmkit.distill.recipe import distill
 from lcmkit.errors import ConfigError
 from lcmkit.infer.images import image_grid
 from lcmkit.infer.pipelines import denoiser_of, initial_noise
-from lcmkit.infer.sampling import DEFAULT_TCD_GAMMA, LORA_GUIDANCE_SCALE, w_of
+from lcmkit.infer.sampling import DEFAULT_TCD_GAMMA, LORA_GUIDANCE_SCALE, grid_sigmas, lcm_lora_ddim_timesteps, w_of
 from lcmkit.measure.eval import Column, sample_columns, write_report
 from lcmkit.methods.lcd import LCDSettings
 from lcmkit.runtime import dtype_kwarg
@@ -67,6 +67,8 @@ class DemoSettings:
     shipped_steps: list[int] = field(default_factory=lambda: [2, 4])
     tcd_steps: list[int] = field(default_factory=lambda: [4])
     """Step counts of the TCD sampler columns (live and shipped model)."""
+    euler_steps: list[int] = field(default_factory=list)
+    """--flow: step counts of the Euler columns (live and shipped model), deterministic steps on the training grid."""
     tcd_gamma: float = DEFAULT_TCD_GAMMA
     teacher_steps: int = 25
     """Steps of the teacher's reference column (DPM-Solver++; a flow teacher's Euler)."""
@@ -98,10 +100,11 @@ class DemoSettings:
 
 FLOW_DEFAULTS: dict[str, Any] = dict(
     out="runs/demo-flow", teacher_steps=28, teacher_few_steps=[1, 2, 4], lcm_steps=[1, 2, 4], tcd_steps=[],
-    shipped_steps=[1, 2, 4],
+    euler_steps=[2, 4], shipped_steps=[1, 2, 4],
 )  # fmt: skip
-"""--flow: the teacher's Euler at the distilled model's step counts and at SD3's 28; no TCD (a flow model samples
-with FlowMatchLCMScheduler)."""
+"""--flow: the teacher's Euler at the distilled model's step counts and at SD3's 28; the distilled model on
+FlowMatchLCMScheduler and, in place of TCD (which has no flow form), on Euler steps over its training grid (at 1 step
+the same image as FlowMatchLCMScheduler's, so from 2)."""
 
 
 def toy_teacher(folder: str | None = None, flow: bool = False) -> str:
@@ -165,7 +168,6 @@ def lora_pipeline(teacher: str, lora_dir: str | Path) -> Any:
     teacher: on FlowMatchLCMScheduler)."""
     from diffusers import DiffusionPipeline, LCMScheduler
 
-    from lcmkit.infer.sampling import lcm_lora_ddim_timesteps
     from lcmkit.infer.schedulers import few_step_scheduler, is_flow
 
     lcm = DiffusionPipeline.from_pretrained(teacher, **dtype_kwarg(torch.float32))
@@ -200,7 +202,9 @@ def shipped_lora_steps(lora_dir: Path) -> int | None:
     return json.loads(record.read_text()).get("steps") if record.is_file() else None
 
 
-def columns_for(settings: DemoSettings, base: Any, lcm: Any, shipped: Any = None) -> list[Column]:
+def columns_for(settings: DemoSettings, base: Any, lcm: Any, shipped: Any = None, shipped_grid: int | None = None
+                ) -> list[Column]:  # fmt: skip
+    """The demo's columns; `shipped_grid`: N of the shipped LoRA's training grid (its Euler columns)."""
     from lcmkit.families import family_of_pipeline
     from lcmkit.infer.schedulers import teacher_scheduler, with_sampler
 
@@ -217,12 +221,25 @@ def columns_for(settings: DemoSettings, base: Any, lcm: Any, shipped: Any = None
     if settings.tcd_steps:
         lcm_tcd = with_sampler(lcm, "tcd")
         cols += [Column(f"LCM TCD {n}", "LCM TCD", lcm_tcd, n, lcm_guidance, tcd) for n in settings.tcd_steps]
+    if settings.euler_steps:
+        cols += euler_columns("LCM Euler", lcm, settings.euler_steps, settings.num_ddim_timesteps, lcm_guidance)
     if shipped is not None:  # the fully distilled LCM-LoRA that ships, beside this run's
         cols += [Column(f"shipped LCM {n}", "shipped LCM", shipped, n, 1.0) for n in settings.shipped_steps]
         if settings.tcd_steps:
             shipped_tcd = with_sampler(shipped, "tcd")
             cols += [Column(f"shipped TCD {n}", "shipped TCD", shipped_tcd, n, 1.0, tcd) for n in settings.tcd_steps]
+        if settings.euler_steps:
+            grid = shipped_grid or settings.num_ddim_timesteps
+            cols += euler_columns("shipped Euler", shipped, settings.euler_steps, grid, 1.0)
     return cols
+
+
+def euler_columns(group: str, lcm: Any, steps: list[int], n_grid: int, guidance: float) -> list[Column]:
+    """A distilled flow model on Euler steps over the N-point grid it was trained on (infer/sampling.grid_sigmas)."""
+    from lcmkit.infer.schedulers import with_sampler
+
+    euler = with_sampler(lcm, "euler")
+    return [Column(f"{group} {n}", group, euler, n, guidance, {"sigmas": grid_sigmas(n, n_grid)}) for n in steps]
 
 
 def toy_prompts(n: int, seed: int) -> list[str]:
@@ -319,7 +336,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     if shipped_dir is None and settings.teacher is None and (ships / "pytorch_lora_weights.safetensors").is_file():
         shipped_dir = str(ships)
     shipped = lora_pipeline(teacher, shipped_dir) if shipped_dir and shipped_dir != "none" else None
-    columns = columns_for(settings, base, lcm, shipped)
+    shipped_grid = lcm_lora_ddim_timesteps([(shipped_dir, 1.0)]) if shipped is not None else None
+    columns = columns_for(settings, base, lcm, shipped, shipped_grid)
     prompts = toy_prompts(settings.n_eval, settings.seed)
     latent = IMAGE_SIZE // base.vae_scale_factor
     noise = initial_noise(len(prompts), (denoiser_of(base).config.in_channels, latent, latent), settings.seed)
