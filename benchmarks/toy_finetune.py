@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--cond-dropout", type=float, default=0.1)
     parser.add_argument("--offset-noise", type=float, default=0.1)
+    parser.add_argument("--ema-decay", type=float, default=0.0, help="save an EMA of the weights (the toy teacher's "
+                        "own recipe: 0.999); 0: the last weights")  # fmt: skip
     args = parser.parse_args()
 
     base = toy_teacher()
@@ -42,20 +44,24 @@ def main() -> None:
     seeds = [sample_seed(args.seed, i) for i in range(len(scenes))]
     with torch.no_grad():
         pixels = torch.from_numpy(render_array(scenes, seeds)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        latents = torch.cat([pipe.vae.encode(pixels[i : i + 500]).latent_dist.mean for i in range(0, len(pixels), 500)])
-        latents = latents * pipe.vae.config.scaling_factor
+        posteriors = [pipe.vae.encode(pixels[i : i + 500]).latent_dist for i in range(0, len(pixels), 500)]
+        means, stds = torch.cat([d.mean for d in posteriors]), torch.cat([d.std for d in posteriors])
+        scaling = pipe.vae.config.scaling_factor
         captions = [s.caption() for s in scenes]
         ids = pipe.tokenizer(captions + [""], padding="max_length", truncation=True, return_tensors="pt").input_ids
         text = torch.cat([pipe.text_encoder(ids[i : i + 500])[0] for i in range(0, len(ids), 500)])
     hidden, empty = text[:-1], text[-1:]
 
     unet = pipe.unet.train()
+    ema = [p.detach().clone() for p in unet.parameters()] if args.ema_decay else None
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
-        idx = torch.randint(0, len(latents), (args.batch_size,), generator=g)
-        z0, cond = latents[idx], hidden[idx].clone()
+        idx = torch.randint(0, len(means), (args.batch_size,), generator=g)
+        # a sample of the VAE posterior, as the teacher was trained (its means alone make a sharper, other target)
+        z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scaling
+        cond = hidden[idx].clone()
         cond[torch.rand(args.batch_size, generator=g) < args.cond_dropout] = empty
         eps = torch.randn(z0.shape, generator=g)  # with the teacher's own offset noise (its recipe's 0.1)
         eps = eps + args.offset_noise * torch.randn((*z0.shape[:2], 1, 1), generator=g)
@@ -65,12 +71,18 @@ def main() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            torch._foreach_lerp_(ema, [p.detach() for p in unet.parameters()], 1 - args.ema_decay)
         if step % 50 == 0:
             print(f"step {step}: loss {loss.item():.4f} ({(time.perf_counter() - t0) / step:.2f} s/step)", flush=True)
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
     unet.eval()
+    if ema is not None:
+        with torch.no_grad():
+            for p, e in zip(unet.parameters(), ema):
+                p.copy_(e)
     pipe.save_pretrained(out, safe_serialization=True)
     with torch.no_grad():
         drift = sum((a - b).pow(2).sum() for a, b in zip(unet.parameters(), StableDiffusionPipeline.from_pretrained(
