@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lcmkit.errors import ConfigError
-from lcmkit.infer.sampling import DEFAULT_TCD_GAMMA
+from lcmkit.infer.sampling import DEFAULT_TCD_GAMMA, grid_sigmas
 from lcmkit.infer.schedulers import LCM_SAMPLERS, check_tcd_gamma, with_sampler
 
 # -- metrics ----------------------------------------------------------------------------------------------
@@ -531,13 +531,27 @@ SAMPLER_LABELS = {"lcm": "", "tcd": "TCD", "euler": "Euler"}
 """The distilled model's column names by sampler: "LCM-LoRA 4", "LCM-LoRA TCD 4", "LCM-LoRA Euler 4"."""
 
 
+def sampler_columns(group: str, pipe: Any, sampler: str, steps: list[int], guidance: float, grid: int,
+                    tcd_gamma: float) -> list[Column]:  # fmt: skip
+    """A distilled model on one of its samplers (LCM_SAMPLERS) at each step count: TCD at `tcd_gamma`, a flow
+    model's Euler on its `grid`-point training grid."""
+    twin = with_sampler(pipe, sampler)
+
+    def options(n: int) -> dict[str, Any]:
+        if sampler == "euler":
+            return {"sigmas": grid_sigmas(n, grid)}
+        return {"eta": tcd_gamma} if sampler == "tcd" else {}
+
+    return [Column(f"{group} {n}", group, twin, n, guidance, options(n)) for n in steps]
+
+
 def build_columns(settings: EvalSettings) -> list[Column]:
     """The distilled model at each step count, then the teacher's DDIM and DPM-Solver++ with guidance at the
     same counts plus the reference counts. Loads every model once."""
     from lcmkit.families.teacher import ModelConfig, load_teacher
     from lcmkit.infer.generator import distilled_pipeline
     from lcmkit.infer.pipelines import teacher_pipeline
-    from lcmkit.infer.sampling import full_lcm_ddim_timesteps, grid_sigmas, lcm_lora_ddim_timesteps
+    from lcmkit.infer.sampling import full_lcm_ddim_timesteps, lcm_lora_ddim_timesteps
     from lcmkit.infer.schedulers import reference_sampler, teacher_scheduler
     from lcmkit.runtime import pick_device, pick_dtype
 
@@ -554,10 +568,7 @@ def build_columns(settings: EvalSettings) -> list[Column]:
         grid = full_lcm_ddim_timesteps(s.lcm) if s.lcm else lcm_lora_ddim_timesteps([(s.lora, 1.0)])
         for sampler in settings.lcm_samplers:
             group = f"{name} {SAMPLER_LABELS[sampler]}".rstrip()
-            sampler_pipe = with_sampler(pipe, sampler)
-            for n in settings.steps:
-                options = {"lcm": {}, "tcd": {"eta": settings.tcd_gamma}, "euler": {"sigmas": grid_sigmas(n, grid)}}
-                columns.append(Column(f"{group} {n}", group, sampler_pipe, n, w, options[sampler]))
+            columns += sampler_columns(group, pipe, sampler, settings.steps, w, grid, settings.tcd_gamma)
     chosen = settings.teacher_steps
     teacher_steps = sorted({*settings.steps, *settings.reference_steps} if chosen is None else {*chosen})
     reference = reference_sampler(teacher.scheduler.config)

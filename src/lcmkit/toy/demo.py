@@ -28,8 +28,8 @@ from lcmkit.distill.recipe import distill
 from lcmkit.errors import ConfigError
 from lcmkit.infer.images import image_grid
 from lcmkit.infer.pipelines import denoiser_of, initial_noise
-from lcmkit.infer.sampling import DEFAULT_TCD_GAMMA, LORA_GUIDANCE_SCALE, grid_sigmas, lcm_lora_ddim_timesteps, w_of
-from lcmkit.measure.eval import Column, sample_columns, write_report
+from lcmkit.infer.sampling import DEFAULT_TCD_GAMMA, LORA_GUIDANCE_SCALE, lcm_lora_ddim_timesteps, w_of
+from lcmkit.measure.eval import SAMPLER_LABELS, Column, sample_columns, sampler_columns, write_report
 from lcmkit.methods.lcd import LCDSettings
 from lcmkit.runtime import dtype_kwarg
 from lcmkit.toy.world import IMAGE_SIZE, TOY_GUIDANCE_SCALE, make_splits, sample_scenes
@@ -206,7 +206,7 @@ def columns_for(settings: DemoSettings, base: Any, lcm: Any, shipped: Any = None
                 ) -> list[Column]:  # fmt: skip
     """The demo's columns; `shipped_grid`: N of the shipped LoRA's training grid (its Euler columns)."""
     from lcmkit.families import family_of_pipeline
-    from lcmkit.infer.schedulers import teacher_scheduler, with_sampler
+    from lcmkit.infer.schedulers import teacher_scheduler
 
     teacher = base
     teacher.scheduler = teacher_scheduler(base.scheduler.config, settings.teacher_sampler)
@@ -216,30 +216,19 @@ def columns_for(settings: DemoSettings, base: Any, lcm: Any, shipped: Any = None
     group = f"teacher {'Euler' if settings.flow else 'DPM++'}"
     cols = [Column(f"{group} {n}", group, teacher, n, settings.guidance)
             for n in [settings.teacher_steps, *settings.teacher_few_steps]]  # fmt: skip
-    tcd = {"eta": settings.tcd_gamma}
-    cols += [Column(f"LCM {n}", "LCM", lcm, n, lcm_guidance) for n in settings.lcm_steps]
-    if settings.tcd_steps:
-        lcm_tcd = with_sampler(lcm, "tcd")
-        cols += [Column(f"LCM TCD {n}", "LCM TCD", lcm_tcd, n, lcm_guidance, tcd) for n in settings.tcd_steps]
-    if settings.euler_steps:
-        cols += euler_columns("LCM Euler", lcm, settings.euler_steps, settings.num_ddim_timesteps, lcm_guidance)
+    models = [("LCM", lcm, settings.lcm_steps, lcm_guidance, settings.num_ddim_timesteps)]
     if shipped is not None:  # the fully distilled LCM-LoRA that ships, beside this run's
-        cols += [Column(f"shipped LCM {n}", "shipped LCM", shipped, n, 1.0) for n in settings.shipped_steps]
-        if settings.tcd_steps:
-            shipped_tcd = with_sampler(shipped, "tcd")
-            cols += [Column(f"shipped TCD {n}", "shipped TCD", shipped_tcd, n, 1.0, tcd) for n in settings.tcd_steps]
-        if settings.euler_steps:
-            grid = shipped_grid or settings.num_ddim_timesteps
-            cols += euler_columns("shipped Euler", shipped, settings.euler_steps, grid, 1.0)
+        grid = shipped_grid or settings.num_ddim_timesteps
+        models.append(("shipped", shipped, settings.shipped_steps, 1.0, grid))
+    for name, pipe, lcm_steps, guidance, grid in models:
+        group = "LCM" if name == "LCM" else f"{name} LCM"
+        cols += [Column(f"{group} {n}", group, pipe, n, guidance) for n in lcm_steps]
+        # the other samplers: TCD (a UNet model), Euler on the training grid (a flow model)
+        for sampler, steps in (("tcd", settings.tcd_steps), ("euler", settings.euler_steps)):
+            if steps:
+                group = f"{name} {SAMPLER_LABELS[sampler]}"
+                cols += sampler_columns(group, pipe, sampler, steps, guidance, grid, settings.tcd_gamma)
     return cols
-
-
-def euler_columns(group: str, lcm: Any, steps: list[int], n_grid: int, guidance: float) -> list[Column]:
-    """A distilled flow model on Euler steps over the N-point grid it was trained on (infer/sampling.grid_sigmas)."""
-    from lcmkit.infer.schedulers import with_sampler
-
-    euler = with_sampler(lcm, "euler")
-    return [Column(f"{group} {n}", group, euler, n, guidance, {"sigmas": grid_sigmas(n, n_grid)}) for n in steps]
 
 
 def toy_prompts(n: int, seed: int) -> list[str]:
