@@ -260,9 +260,10 @@ def test_adversarial_term_is_refused_for_flow_teachers_in_one_line(tiny_flux, sh
     assert "not available for FLUX.1" in err and len(err.splitlines()) == 1
 
 
-def test_adversarial_lora_from_a_cache_and_phases_checked_for_pcm_only(tiny_sd, shards, tmp_path):
-    """A cached LoRA run frees the text encoders: the discriminator is sized before that. --num-phases is PCM's: a
-    short grid is fine for LCD."""
+def test_adversarial_lora_from_a_cache_and_phases_checked_for_pcm_only(tiny_sd, shards, tmp_path, caplog):
+    """A cached LoRA run frees the text encoders: the discriminator is sized before that. With a multi-phase PCM the
+    adversarial term is warned about in one line (it judges the origin estimate). --num-phases is PCM's: a short grid
+    is fine for LCD."""
     from lcmkit.distill.config import load_config, validate
     from lcmkit.errors import ConfigError
 
@@ -272,6 +273,11 @@ def test_adversarial_lora_from_a_cache_and_phases_checked_for_pcm_only(tiny_sd, 
     out = tmp_path / "run"
     assert run_cli(*distill_args(tiny_sd, f"cache:{cache}", out, "lora", "--adversarial-weight", "0.1",
                                  "--max-steps", "2")) == 0  # fmt: skip
+    assert "judges the student's origin estimate" not in caplog.text
+    assert run_cli(*distill_args(tiny_sd, f"cache:{cache}", tmp_path / "pcm", "lora", "--adversarial-weight", "0.1",
+                                 "--method", "pcm", "--num-phases", "2", "--max-steps", "1")) == 0  # fmt: skip
+    warned = [r.getMessage() for r in caplog.records if "judges the student's origin" in r.getMessage()]
+    assert len(warned) == 1 and "--num-phases 2" in warned[0] and "\n" not in warned[0]
     required = {"teacher": "t", "data": "d", "out": "o", "num_ddim_timesteps": 2}
     assert validate(load_config(None, required)).lcd.num_ddim_timesteps == 2
     with pytest.raises(ConfigError, match="--num-phases 4"):
