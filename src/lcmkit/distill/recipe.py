@@ -181,11 +181,8 @@ def adversarial(
     if family.feature_modules is None:
         raise ConfigError(f"--adversarial-weight: the adversarial term is not available for {family.label} teachers "
                           "yet (SD, SDXL and SD3 only)")  # fmt: skip
-    if cfg.method == "pcm" and cfg.pcm.num_phases > 1:
-        log.warning("--adversarial-weight with --method pcm --num-phases %d: the term judges the student's origin "
-                    "estimate, which a multi-phase PCM student does not aim at above its last phase; on the toy "
-                    "world it made 2-phase PCM's 2-step images worse, not better (docs/methods.md)",
-                    cfg.pcm.num_phases)  # fmt: skip
+    if method.adversarial_caveat:
+        log.warning("--adversarial-weight: %s", method.adversarial_caveat)
     features = teacher_features(models)
     device = accelerator.device
     latent = size // teacher.vae_downsampling

@@ -52,6 +52,11 @@ class LCD:
         """The step count its students sample with by default."""
         return default
 
+    @property
+    def adversarial_caveat(self) -> str | None:
+        """Why the adversarial term, which judges `last_origin`, may not suit this method's student (None: it does)."""
+        return None
+
     def __init__(self, settings: LCDSettings, extra: object = None):
         self.settings = settings
         self.last_origin: Tensor | None = None

@@ -94,6 +94,14 @@ class PCM(TCD):
     def sampling_steps(self, default: int = 4) -> int:
         return self.phases.num_phases
 
+    @property
+    def adversarial_caveat(self) -> str | None:
+        if self.phases.num_phases == 1:
+            return None
+        return (f"with --method pcm --num-phases {self.phases.num_phases} the term judges the student's origin "
+                "estimate, which a multi-phase PCM student does not aim at above its last phase; on the toy world it "
+                "made 2-phase PCM's 2-step images worse, not better (docs/methods.md)")  # fmt: skip
+
     def __init__(self, settings: LCDSettings, extra: PCMSettings | None = None):
         super().__init__(settings)
         self.phases = extra or PCMSettings()
