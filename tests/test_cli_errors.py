@@ -89,6 +89,9 @@ def test_bad_config_values_name_the_option(tmp_path):
     cfg = load_config(None, {"teacher": "x", "data": "y", "out": "z", "loss": "l1"})
     with pytest.raises(ConfigError, match="--loss 'l1'"):
         validate(cfg)
+    cfg = load_config(None, {"teacher": "x", "data": "y", "out": "z", "adversarial_real": "teacher"})
+    with pytest.raises(ConfigError, match="--adversarial-real 'teacher': choose data or target"):
+        validate(cfg)
 
 
 def test_flags_override_the_config_file(tmp_path):

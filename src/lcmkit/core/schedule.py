@@ -28,6 +28,14 @@ class NoiseSchedule:
         return abar.sqrt(), (1 - abar).sqrt()
 
 
+def transition(z_s: Tensor, eps: Tensor, alpha_s: Tensor, sigma_s: Tensor, alpha_t: Tensor, sigma_t: Tensor) -> Tensor:
+    """The forward process from a sample at time s to a later time t: z_t = a z_s + b eps with a = alpha_t / alpha_s
+    and b^2 = sigma_t^2 - a^2 sigma_s^2, so that z_s = alpha_s x0 + sigma_s e carried on has the marginal of
+    alpha_t x0 + sigma_t e (any schedule z = alpha x0 + sigma e: VP or rectified flow)."""
+    a = alpha_t / alpha_s
+    return a * z_s + (sigma_t**2 - (a * sigma_s) ** 2).clamp(min=0).sqrt() * eps
+
+
 def ddim_timesteps(num_train_timesteps: int, num_ddim_timesteps: int) -> Tensor:
     """The skipping-step solver grid tau_i = (i + 1) * k - 1, i = 0..N-1, with k = T // N."""
     k = num_train_timesteps // num_ddim_timesteps

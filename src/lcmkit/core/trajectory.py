@@ -27,7 +27,7 @@ from lcmkit.core.flow import (
     noised,
 )
 from lcmkit.core.prediction import predicted_noise, predicted_origin
-from lcmkit.core.schedule import NoiseSchedule, append_dims, ddim_timesteps, sample_timestep_pairs
+from lcmkit.core.schedule import NoiseSchedule, append_dims, ddim_timesteps, sample_timestep_pairs, transition
 from lcmkit.core.solver import ddim_step, guided_ddim_step
 
 
@@ -43,6 +43,10 @@ class Trajectory(Protocol):
         ...
 
     def noised(self, z0: Tensor, eps: Tensor, t: Tensor) -> Tensor: ...
+
+    def travelled(self, z_s: Tensor, eps: Tensor, s: Tensor, t: Tensor) -> Tensor:
+        """A sample at time s carried on by the forward process to a time t >= s (same marginal as noising x0)."""
+        ...
 
     def solver_step(
         self, out: Tensor, out_uncond: Tensor | None, z: Tensor, t: Tensor, t_prev: Tensor, w: Tensor
@@ -81,6 +85,9 @@ class DiffusionTrajectory:
         alpha, sigma = self._alpha_sigma(t, z0.ndim)
         return alpha * z0 + sigma * eps
 
+    def travelled(self, z_s: Tensor, eps: Tensor, s: Tensor, t: Tensor) -> Tensor:
+        return transition(z_s, eps, *self._alpha_sigma(s, z_s.ndim), *self._alpha_sigma(t, z_s.ndim))
+
     def solver_step(
         self, out: Tensor, out_uncond: Tensor | None, z: Tensor, t: Tensor, t_prev: Tensor, w: Tensor
     ) -> Tensor:
@@ -113,6 +120,10 @@ class FlowTrajectory:
 
     def noised(self, z0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         return noised(z0, eps, append_dims(t, z0.ndim))
+
+    def travelled(self, z_s: Tensor, eps: Tensor, s: Tensor, t: Tensor) -> Tensor:
+        sigma_s, sigma_t = append_dims(s, z_s.ndim), append_dims(t, z_s.ndim)
+        return transition(z_s, eps, 1 - sigma_s, sigma_s, 1 - sigma_t, sigma_t)
 
     def solver_step(
         self, out: Tensor, out_uncond: Tensor | None, z: Tensor, t: Tensor, t_prev: Tensor, w: Tensor

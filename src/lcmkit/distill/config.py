@@ -279,6 +279,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
         raise ConfigError("--adversarial-weight and --adversarial-warmup must be >= 0 and --discriminator-lr > 0")
     if adv.adversarial_loss not in ("hinge", "nonsaturating"):
         raise ConfigError(f"--adversarial-loss {adv.adversarial_loss!r}: choose hinge or nonsaturating")
+    if adv.adversarial_real not in ("data", "target"):
+        raise ConfigError(f"--adversarial-real {adv.adversarial_real!r}: choose data or target")
     if cfg.method == "pcm" and not 1 <= cfg.pcm.num_phases <= cfg.lcd.num_ddim_timesteps:
         raise ConfigError(f"--num-phases {cfg.pcm.num_phases}: must be between 1 and --num-ddim-timesteps "
                           f"({cfg.lcd.num_ddim_timesteps})")  # fmt: skip

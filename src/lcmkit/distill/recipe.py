@@ -181,8 +181,6 @@ def adversarial(
     if family.feature_modules is None:
         raise ConfigError(f"--adversarial-weight: the adversarial term is not available for {family.label} teachers "
                           "yet (SD, SDXL and SD3 only)")  # fmt: skip
-    if method.adversarial_caveat:
-        log.warning("--adversarial-weight: %s", method.adversarial_caveat)
     features = teacher_features(models)
     device = accelerator.device
     latent = size // teacher.vae_downsampling

@@ -2,8 +2,12 @@
 arXiv 2403.12015): a discriminator whose heads read the frozen teacher's own intermediate features of a noised
 latent (no DINOv2 or other download), trained by its own optimizer as a second update of the trainer.
 
-Generator side: loss = base method's loss + lambda(step) * G(fake), fake = the student's one-step origin estimate
-(what a 1-step sample is), noised again at a random grid time t' and seen through the teacher's features.
+Generator side: loss = base method's loss + lambda(step) * G(fake), seen through the teacher's features. The fake is
+the method's (`Judged`): for LCD and TCD the student's one-step origin estimate (what a 1-step sample is), noised
+at a random grid time t'; for PCM the student's phase-edge estimate f(z_t, t, s), carried on by the forward process
+from s to a grid time t' of the phase above s (as in the PCM paper, arXiv 2405.18407). The real is the data noised
+to t' (ADD/LADD), or with `adversarial_real = "target"` the method's target estimate of the same point, noised or
+carried on alike (PCM's adversarial consistency loss).
 Discriminator side (the next update, same micro-batch): D(real) against D(fake) with the hinge or non-saturating
 loss. lambda ramps linearly from 0 to the weight over the warm-up; its counter lives in the discriminator's state, so
 a resumed run continues the same schedule.
@@ -19,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lcmkit.methods.base import Batch, Nets
+from lcmkit.methods.base import Batch, Judged, Nets
 
 Features = Callable[[Tensor, Tensor, Any], list[Tensor]]
 """(noised latent, time, conditioning) -> the frozen teacher's feature maps (B, C, H, W) at its chosen layers."""
@@ -35,6 +39,9 @@ class AdversarialSettings:
     """Generator loss evaluations (steps x accumulation) over which lambda ramps up linearly from 0."""
     adversarial_loss: str = "hinge"
     """hinge or nonsaturating."""
+    adversarial_real: str = "data"
+    """What the student's sample is held against: data (the training latents, noised alike: ADD/LADD) or target
+    (the method's own target estimate of the same point: PCM's adversarial consistency loss)."""
     discriminator_lr: float = 1e-4
     """Learning rate of the discriminator heads (AdamW, constant)."""
 
@@ -80,17 +87,24 @@ class Adversarial:
         ramp = min(1.0, float(self.discriminator.calls) / s.adversarial_warmup) if s.adversarial_warmup else 1.0
         return s.adversarial_weight * ramp
 
-    def noised_pair(self, nets: Nets, batch: Batch, fake: Tensor, generator: torch.Generator | None):
-        """Real and fake latents noised alike at a grid time t' (same noise), as the discriminator sees them."""
-        ode, n = nets.trajectory, fake.shape[0]
-        t, _ = ode.sample_pairs(n, self.base.settings.num_ddim_timesteps, generator, fake.device)
+    def noised_pair(self, nets: Nets, batch: Batch, judged: Judged, generator: torch.Generator | None):
+        """Real and fake latents noised alike at a time t' (same noise), as the discriminator sees them."""
+        ode, fake, num_steps = nets.trajectory, judged.fake, self.base.settings.num_ddim_timesteps
+        data = self.settings.adversarial_real == "data"
+        if judged.lo is None:  # a one-step sample, noised at any grid time
+            t, _ = ode.sample_pairs(fake.shape[0], num_steps, generator, fake.device)
+            eps = torch.randn(fake.shape, generator=generator, device=fake.device)
+            return ode.noised(batch.z0.float() if data else judged.target, eps, t), ode.noised(fake, eps, t), t
+        grid = ode.grid(num_steps, fake.device)
+        u = torch.rand(judged.lo.shape, generator=generator, device=fake.device)
+        s, t = grid[judged.lo], grid[judged.lo + (u * (judged.hi - judged.lo)).long()]
         eps = torch.randn(fake.shape, generator=generator, device=fake.device)
-        return ode.noised(batch.z0.float(), eps, t), ode.noised(fake, eps, t), t
+        real = ode.noised(batch.z0.float(), eps, t) if data else ode.travelled(judged.target, eps, s, t)
+        return real, ode.travelled(fake, eps, s, t), t
 
     def loss(self, nets: Nets, batch: Batch, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
         loss, logs = self.base.loss(nets, batch, generator)
-        fake = self.base.last_origin
-        real_t, fake_t, t = self.noised_pair(nets, batch, fake, generator)
+        real_t, fake_t, t = self.noised_pair(nets, batch, self.base.judged, generator)
         self.pending.append((real_t, fake_t.detach(), t, batch.cond))
         weight = self.weight()
         self.discriminator.calls += 1

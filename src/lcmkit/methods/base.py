@@ -59,6 +59,18 @@ class Batch:
     uncond: Any
 
 
+@dataclass
+class Judged:
+    """What an adversarial term judges after a method's loss: the student's sample `fake` (with gradients) and the
+    target's estimate of the same point (detached). `lo` None: both are origin estimates, noised at any grid time;
+    else they are at grid index `lo` and are carried on to a grid time in [lo, hi)."""
+
+    fake: Tensor
+    target: Tensor
+    lo: Tensor | None = None
+    hi: Tensor | None = None
+
+
 class Method(Protocol):
     def loss(
         self, nets: Nets, batch: Batch, generator: torch.Generator | None = None

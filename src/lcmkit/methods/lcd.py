@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from lcmkit.core.consistency import pseudo_huber
-from lcmkit.methods.base import Batch, Nets
+from lcmkit.methods.base import Batch, Judged, Nets
 
 
 @dataclass
@@ -52,14 +52,10 @@ class LCD:
         """The step count its students sample with by default."""
         return default
 
-    @property
-    def adversarial_caveat(self) -> str | None:
-        """Why the adversarial term, which judges `last_origin`, may not suit this method's student (None: it does)."""
-        return None
-
     def __init__(self, settings: LCDSettings, extra: object = None):
         self.settings = settings
-        self.last_origin: Tensor | None = None
+        self.judged: Judged | None = None
+        """Set by each `loss`: what an adversarial term judges."""
 
     def f(self, nets: Nets, model_output: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
         """The consistency function f(z_t, t) of a raw network output (LCM paper eq. 9)."""
@@ -85,7 +81,6 @@ class LCD:
         # Student: f_theta(z_{n+k}, t_{n+k}, c, w), with gradients.
         with record_function("lcd/student_forward"):
             f_student = self.f(nets, nets.student(z_n_plus_k, t_n_plus_k, batch.cond, w), z_n_plus_k, t_n_plus_k)
-        self.last_origin = f_student  # the student's one-step sample (with gradients): what an adversarial term judges
 
         with torch.no_grad():
             # Teacher: one batched forward over [cond; uncond], then one guided solver step from t_{n+k} to t_n.
@@ -97,5 +92,6 @@ class LCD:
             with record_function("lcd/target"):
                 f_target = self.f(nets, nets.target(z_n, t_n, batch.cond, w), z_n, t_n)
 
+        self.judged = Judged(f_student, f_target)  # one-step samples: the student's (with gradients), the target's
         # Detached tensors: the trainer converts them only on logging steps (no device sync every step).
         return self.distance(f_student, f_target), {"w_mean": w.mean(), "t_mean": t_n_plus_k.float().mean()}

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-from lcmkit.methods.base import Batch, Nets
+from lcmkit.methods.base import Batch, Judged, Nets
 from lcmkit.methods.lcd import LCD, LCDSettings
 
 
@@ -39,6 +39,11 @@ class TCD(LCD):
         u = torch.rand(start.shape, generator=generator, device=start.device)
         return (u * start).long().clamp(max=start - 1)
 
+    def judgement(self, origins: tuple[Tensor, Tensor], ends: tuple[Tensor, Tensor], start: Tensor) -> Judged:
+        """What an adversarial term judges, of the (student, target) estimates of the origin and of s: TCD's origin
+        estimates (a 1-step sample)."""
+        return Judged(*origins)
+
     def loss(self, nets: Nets, batch: Batch, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
         s, ode = self.settings, nets.trajectory
         z0 = batch.z0.float()
@@ -55,7 +60,8 @@ class TCD(LCD):
         with record_function("lcd/student_forward"):
             out = nets.student(z_n_plus_k, t_n_plus_k, batch.cond, w)
             f_student = ode.solver_step(out.float(), None, z_n_plus_k, t_n_plus_k, t_s, w)
-        self.last_origin = ode.solver_step(out.float(), None, z_n_plus_k, t_n_plus_k, grid[:1].expand(n), w)
+        origin = grid[:1].expand(n)
+        student_origin = ode.solver_step(out.float(), None, z_n_plus_k, t_n_plus_k, origin, w)
 
         with torch.no_grad():
             with record_function("lcd/teacher"):
@@ -66,6 +72,9 @@ class TCD(LCD):
                 target = nets.target(z_n, t_n, batch.cond, w).float()
                 f_target = ode.solver_step(target, None, z_n, t_n, t_s, w)
 
+            target_origin = ode.solver_step(target, None, z_n, t_n, origin, w)
+
+        self.judged = self.judgement((student_origin, target_origin), (f_student, f_target), start)
         return self.distance(f_student, f_target), {"w_mean": w.mean(), "t_mean": t_n_plus_k.float().mean(),
                                                      "s_mean": t_s.float().mean()}  # fmt: skip
 
@@ -94,19 +103,19 @@ class PCM(TCD):
     def sampling_steps(self, default: int = 4) -> int:
         return self.phases.num_phases
 
-    @property
-    def adversarial_caveat(self) -> str | None:
-        if self.phases.num_phases == 1:
-            return None
-        return (f"with --method pcm --num-phases {self.phases.num_phases} the term judges the student's origin "
-                "estimate, which a multi-phase PCM student does not aim at above its last phase; on the toy world it "
-                "made 2-phase PCM's 2-step images worse, not better (docs/methods.md)")  # fmt: skip
-
     def __init__(self, settings: LCDSettings, extra: PCMSettings | None = None):
         super().__init__(settings)
         self.phases = extra or PCMSettings()
 
-    def end_index(self, start: Tensor, generator: torch.Generator | None) -> Tensor:
+    def phase(self, start: Tensor) -> tuple[Tensor, Tensor]:
+        """Grid indices (lower edge, upper edge) of the phase of start index i: lower < i <= upper."""
         edges = phase_edges(self.settings.num_ddim_timesteps, self.phases.num_phases).to(start.device)
         below = torch.searchsorted(edges, start, right=False) - 1  # the largest edge strictly below the start index
-        return edges[below]
+        return edges[below], edges[below + 1]
+
+    def end_index(self, start: Tensor, generator: torch.Generator | None) -> Tensor:
+        return self.phase(start)[0]
+
+    def judgement(self, origins: tuple[Tensor, Tensor], ends: tuple[Tensor, Tensor], start: Tensor) -> Judged:
+        """PCM's: the phase-edge estimates, carried on to a time of the phase above the edge."""
+        return Judged(*ends, *self.phase(start))
