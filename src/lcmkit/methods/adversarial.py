@@ -90,17 +90,19 @@ class Adversarial:
     def noised_pair(self, nets: Nets, batch: Batch, judged: Judged, generator: torch.Generator | None):
         """Real and fake latents noised alike at a time t' (same noise), as the discriminator sees them."""
         ode, fake, num_steps = nets.trajectory, judged.fake, self.base.settings.num_ddim_timesteps
-        data = self.settings.adversarial_real == "data"
-        if judged.lo is None:  # a one-step sample, noised at any grid time
+        if judged.lo is None:  # one-step samples, noised at any grid time
             t, _ = ode.sample_pairs(fake.shape[0], num_steps, generator, fake.device)
-            eps = torch.randn(fake.shape, generator=generator, device=fake.device)
-            return ode.noised(batch.z0.float() if data else judged.target, eps, t), ode.noised(fake, eps, t), t
-        grid = ode.grid(num_steps, fake.device)
-        u = torch.rand(judged.lo.shape, generator=generator, device=fake.device)
-        s, t = grid[judged.lo], grid[judged.lo + (u * (judged.hi - judged.lo)).long()]
+        else:  # samples at grid index lo, carried on to a grid time in [lo, hi)
+            grid = ode.grid(num_steps, fake.device)
+            u = torch.rand(judged.lo.shape, generator=generator, device=fake.device)
+            s, t = grid[judged.lo], grid[judged.lo + (u * (judged.hi - judged.lo)).long()]
         eps = torch.randn(fake.shape, generator=generator, device=fake.device)
-        real = ode.noised(batch.z0.float(), eps, t) if data else ode.travelled(judged.target, eps, s, t)
-        return real, ode.travelled(fake, eps, s, t), t
+
+        def noised(z: Tensor) -> Tensor:
+            return ode.noised(z, eps, t) if judged.lo is None else ode.travelled(z, eps, s, t)
+
+        data = self.settings.adversarial_real == "data"
+        return ode.noised(batch.z0.float(), eps, t) if data else noised(judged.target), noised(fake), t
 
     def loss(self, nets: Nets, batch: Batch, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
         loss, logs = self.base.loss(nets, batch, generator)
