@@ -186,6 +186,8 @@ def test_pcm_lora_samples_in_k_deterministic_steps_and_resumes_exactly(tiny_sd, 
     pipe.load_lora_weights(str(whole))
     a, b = image(), image()
     assert np.array_equal(a, b) and np.abs(a - base).max() > 1e-3
+    card = (whole / "README.md").read_text()  # the card says how: the same scheduler, steps and eta
+    assert "TCDScheduler.from_config" in card and "num_inference_steps=2, eta=0.0" in card and "PCM, 2 phases" in card
 
 
 def lora_with_alpha(teacher: str, out, alpha: float = 8.0):

@@ -280,8 +280,10 @@ def method_text(cfg: dict[str, Any], family: Family) -> str:
                 f"{'phase edges' if method == 'pcm' else 'points'}); `lcmkit generate --scheduler euler` does this.")
     if method == "pcm":
         k = cfg["pcm"]["num_phases"]
-        return (f" Distilled with phased consistency (PCM, {k} phases): sample in exactly {k} step{'s' * (k > 1)} with "
-                "TCDScheduler at eta 0, which steps edge to edge of the trained phases, deterministically.")
+        plural = "s" * (k > 1)
+        return (f" Distilled with phased consistency (PCM, {k} phase{plural}): sample with TCDScheduler at eta 0 in "
+                f"{k} step{plural}, which step edge to edge of the trained phases, deterministically, as in training; "
+                f"a multiple of {k} steps also lands on every edge.")  # fmt: skip
     if method == "tcd":
         return " Distilled with TCD: sample with TCDScheduler (eta is TCD's gamma, 0.3 by default)."
     return ""
