@@ -92,6 +92,9 @@ def test_bad_config_values_name_the_option(tmp_path):
     cfg = load_config(None, {"teacher": "x", "data": "y", "out": "z", "adversarial_real": "teacher"})
     with pytest.raises(ConfigError, match="--adversarial-real 'teacher': choose data or target"):
         validate(cfg)
+    cfg = load_config(None, {"teacher": "x", "data": "y", "out": "z", "discriminator_lr": 0.0})
+    with pytest.raises(ConfigError, match="--discriminator-lr > 0"):
+        validate(cfg)
 
 
 def test_flags_override_the_config_file(tmp_path):

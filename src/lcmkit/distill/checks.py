@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lcmkit.data.base import Source
-from lcmkit.distill.config import DistillConfig, apply_family_defaults, list_presets
+from lcmkit.distill.config import DistillConfig, apply_defaults, list_presets
 from lcmkit.errors import ConfigError
 from lcmkit.families.teacher import Teacher, teacher_family
 from lcmkit.outputs.record import OUTPUTS, RUN_RECORD
@@ -83,7 +83,7 @@ def check_family(cfg: DistillConfig) -> None:
     """Before loading anything: the teacher's family (cheap: its model_index.json or file keys) fills the family's
     defaults and refuses what it cannot train; the preset may be for another family."""
     _, family = teacher_family(cfg.model)
-    apply_family_defaults(cfg, family)
+    apply_defaults(cfg, family)
     check_preset_family(cfg, family.name)
 
 

@@ -275,7 +275,8 @@ def validate(cfg: DistillConfig) -> DistillConfig:
     if cfg.method not in METHODS:
         raise ConfigError(f"--method {cfg.method!r}: choose one of {', '.join(sorted(METHODS))}")
     adv = cfg.adversarial
-    if adv.adversarial_weight < 0 or adv.adversarial_warmup < 0 or adv.discriminator_lr <= 0:
+    d_lr = adv.discriminator_lr
+    if adv.adversarial_weight < 0 or adv.adversarial_warmup < 0 or (d_lr is not None and d_lr <= 0):
         raise ConfigError("--adversarial-weight and --adversarial-warmup must be >= 0 and --discriminator-lr > 0")
     if adv.adversarial_loss not in ("hinge", "nonsaturating"):
         raise ConfigError(f"--adversarial-loss {adv.adversarial_loss!r}: choose hinge or nonsaturating")
@@ -368,9 +369,10 @@ def validate(cfg: DistillConfig) -> DistillConfig:
 
 
 
-def apply_family_defaults(cfg: DistillConfig, family: Family) -> None:
-    """Fill the options whose default is the family's (the w range, the LoRA targets), and refuse what the family's
-    student cannot learn: a full student without a guidance input (SD3's transformer) learns one w, baked in."""
+def apply_defaults(cfg: DistillConfig, family: Family) -> None:
+    """Fill the options whose default is the family's (the w range, the LoRA targets) or the method's (the
+    discriminator's learning rate), and refuse what the family's student cannot learn: a full student without a
+    guidance input (SD3's transformer) learns one w, baked in."""
     lcd = cfg.lcd
     lo, hi = family.guidance_range
     lcd.w_min = lo if lcd.w_min is None else lcd.w_min
@@ -378,6 +380,8 @@ def apply_family_defaults(cfg: DistillConfig, family: Family) -> None:
     if cfg.lora.lora_target_modules is None:
         cfg.lora.lora_target_modules = list(family.lora_targets)
     validate(cfg)
+    if cfg.adversarial.discriminator_lr is None:
+        cfg.adversarial.discriminator_lr = METHODS[cfg.method].discriminator_lr
     if cfg.mode == "full" and not family.full_student_takes_w and lcd.w_min != lcd.w_max:
         raise ConfigError(f"--mode full with w in [{lcd.w_min:g}, {lcd.w_max:g}]: a full {family.label} student has no "
                           f"guidance input ({family.denoiser} in diffusers), so it learns one guidance scale: set "

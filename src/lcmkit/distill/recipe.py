@@ -17,7 +17,7 @@ import torch
 
 from lcmkit.data import ImageTransform, SampleStream, SkipTally, Source, make_dataloader, resolve_data, summarize_skips
 from lcmkit.distill.checks import check_cache, check_environment, check_family, clear_outputs, prepare_out_dir
-from lcmkit.distill.config import DistillConfig, apply_family_defaults, validate
+from lcmkit.distill.config import DistillConfig, apply_defaults, validate
 from lcmkit.distill.setup import (
     DTYPES,
     conv_kernels,
@@ -72,7 +72,7 @@ def distill(cfg: DistillConfig, command: str = "", scorers: list[Any] | None = N
         run_lock(out, accelerator, command),
     ):  # fmt: skip
         teacher = load_teacher(cfg.model)
-        apply_family_defaults(cfg, teacher.family)
+        apply_defaults(cfg, teacher.family)
         check_cache(source, teacher, cfg.data.resolution)
         if cfg.train.overwrite:  # only once the teacher loaded: a typo must not cost the previous run
             on_main(accelerator, lambda: clear_outputs(out))

@@ -42,8 +42,8 @@ class AdversarialSettings:
     adversarial_real: str = "data"
     """What the student's sample is held against: data (the training latents, noised alike: ADD/LADD) or target
     (the method's own target estimate of the same point: PCM's adversarial consistency loss)."""
-    discriminator_lr: float = 1e-4
-    """Learning rate of the discriminator heads (AdamW, constant)."""
+    discriminator_lr: float | None = None
+    """Learning rate of the discriminator heads (AdamW, constant); default: the method's (1e-4; PCM 1e-5)."""
 
 
 class Discriminator(nn.Module):

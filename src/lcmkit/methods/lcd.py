@@ -47,6 +47,9 @@ class LCD:
     """The diffusers scheduler a UNet student of this method samples with."""
     eta: float | None = None
     """Its eta (TCDScheduler's gamma), if it takes one."""
+    discriminator_lr: float = 1e-4
+    """The adversarial term's discriminator learning rate unless --discriminator-lr says otherwise (measured on the
+    toy world: docs/methods.md)."""
 
     def sampling_steps(self, default: int = 4) -> int:
         """The step count its students sample with by default."""

@@ -99,6 +99,8 @@ class PCM(TCD):
     TCDScheduler at gamma 0, exactly K steps: deterministic, edge to edge."""
 
     eta: float | None = 0.0
+    discriminator_lr: float = 1e-5
+    """The PCM authors' value: a faster discriminator makes the phase-edge term lag or collapse (docs/methods.md)."""
 
     def sampling_steps(self, default: int = 4) -> int:
         return self.phases.num_phases
