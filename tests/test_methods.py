@@ -293,8 +293,8 @@ def test_adversarial_term_trains_a_discriminator_and_resumes_exactly(tiny_sd, ti
     """--adversarial-weight: a discriminator on the teacher's own features is trained as a second update (its loss
     logged), lambda ramps over the warm-up, and a run stopped after its step-3 checkpoint and resumed retraces the
     uninterrupted one: discriminator, its optimizer and the warm-up counter are in the checkpoint. SD3: the heads
-    read the joint blocks' image tokens as maps. PCM (SDXL and SD3 LoRA) judges its phase edges instead, with its own
-    default discriminator learning rate."""
+    read the joint blocks' image tokens as maps. PCM (SDXL and SD3 LoRA) judges its phase edges instead;
+    TCD and PCM have their own default discriminator learning rate."""
     import json
 
     teacher = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3}[family]
@@ -309,7 +309,7 @@ def test_adversarial_term_trains_a_discriminator_and_resumes_exactly(tiny_sd, ti
     assert [r["adversarial_weight"] for r in rows] == [0.0, 0.125, 0.25, 0.375, 0.5, 0.5]
     assert all(np.isfinite(r["loss_discriminator"]) for r in rows)
     recorded = json.loads((whole / "lcmkit_run.json").read_text())["config"]["adversarial"]["discriminator_lr"]
-    assert recorded == (1e-5 if method == "pcm" else 1e-4)  # no --discriminator-lr: the method's default
+    assert recorded == (1e-4 if method == "lcd" else 1e-5)  # no --discriminator-lr: the method's default
     assert run_cli(*distill_args(teacher, shards, stopped, mode, *common, "--max-steps", "4")) == 0
     (stopped / "lcmkit_run.json").unlink()
     assert run_cli(*distill_args(teacher, shards, stopped, mode, *common, "--max-steps", "6", "--resume",

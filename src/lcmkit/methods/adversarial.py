@@ -43,7 +43,8 @@ class AdversarialSettings:
     """What the student's sample is held against: data (the training latents, noised alike: ADD/LADD) or target
     (the method's own target estimate of the same point: PCM's adversarial consistency loss)."""
     discriminator_lr: float | None = None
-    """Learning rate of the discriminator heads (AdamW, constant); default: the method's (1e-4; PCM 1e-5)."""
+    """Learning rate of the discriminator heads (AdamW, constant); default: the method's (LCD 1e-4, TCD and PCM
+    1e-5)."""
 
 
 class Discriminator(nn.Module):

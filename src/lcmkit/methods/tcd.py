@@ -30,6 +30,8 @@ class TCD(LCD):
     scheduler = "TCDScheduler"
     eta: float | None = 0.3
     """Strategic stochastic sampling's gamma: the TCD paper's default."""
+    discriminator_lr: float = 1e-5
+    """The PCM authors' value: with LCD's faster one the term lags or collapses on TCD and PCM (docs/methods.md)."""
 
     def __init__(self, settings: LCDSettings, extra: object = None):
         super().__init__(settings)
@@ -99,8 +101,6 @@ class PCM(TCD):
     TCDScheduler at gamma 0, exactly K steps: deterministic, edge to edge."""
 
     eta: float | None = 0.0
-    discriminator_lr: float = 1e-5
-    """The PCM authors' value: a faster discriminator makes the phase-edge term lag or collapse (docs/methods.md)."""
 
     def sampling_steps(self, default: int = 4) -> int:
         return self.phases.num_phases
